@@ -1,0 +1,15 @@
+"""The `ferry` command line. Subcommands are added by the modules that own them."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Ferry: an SDN controller for Open vSwitch.")
+
+
+@app.command()
+def version() -> None:
+    """Print Ferry's version."""
+    from ferry import __version__
+
+    typer.echo(__version__)
