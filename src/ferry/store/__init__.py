@@ -34,5 +34,6 @@ def open_store(url: str) -> Store:
     if url.startswith("etcd://"):
         from ferry.store.etcd import EtcdStore
 
-        return EtcdStore(parse_etcd_endpoints(url))
+        etcd: Store = EtcdStore(parse_etcd_endpoints(url))
+        return etcd
     raise StoreURLError(f"{url!r}: unknown store; use memory:// or etcd://host:port[,...]")

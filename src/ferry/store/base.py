@@ -151,6 +151,10 @@ class WatchFilter:
         )
 
 
+EVERYTHING = WatchFilter()
+"""The filter that admits every record."""
+
+
 def matches(rec: Record, where: Mapping[str, Any] | None) -> bool:
     return where is None or all(rec.get(k) == v for k, v in where.items())
 
@@ -195,11 +199,11 @@ class Store(abc.ABC):
         """The store's current revision."""
 
     @abc.abstractmethod
-    async def snapshot(self, flt: WatchFilter = WatchFilter()) -> Snapshot:
+    async def snapshot(self, flt: WatchFilter = EVERYTHING) -> Snapshot:
         """Every record the filter admits, consistent at one revision."""
 
     @abc.abstractmethod
-    def watch(self, flt: WatchFilter = WatchFilter(), *, from_revision: int) -> AsyncIterator[
+    def watch(self, flt: WatchFilter = EVERYTHING, *, from_revision: int) -> AsyncIterator[
         WatchEvent
     ]:
         """Events with revision > ``from_revision`` that the filter admits, in order."""

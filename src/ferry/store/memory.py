@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from ferry.store.base import (
+    EVERYTHING,
     AlreadyExists,
     ClaimTaken,
     Compacted,
@@ -80,7 +81,7 @@ class MemoryStore(Store):
         self._check_open()
         return self._revision
 
-    async def snapshot(self, flt: WatchFilter = WatchFilter()) -> Snapshot:
+    async def snapshot(self, flt: WatchFilter = EVERYTHING) -> Snapshot:
         self._check_open()
         recs = [r for _, r in sorted(self._records.items()) if flt.admits(r)]
         return Snapshot(self._revision, recs)
@@ -170,7 +171,7 @@ class MemoryStore(Store):
     # -- watch -------------------------------------------------------------------------------
 
     async def watch(
-        self, flt: WatchFilter = WatchFilter(), *, from_revision: int
+        self, flt: WatchFilter = EVERYTHING, *, from_revision: int
     ) -> AsyncIterator[WatchEvent]:
         self._check_open()
         if from_revision < self._compacted:

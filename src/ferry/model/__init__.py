@@ -1,0 +1,1 @@
+"""The northbound model (``objects``) and typed, invariant-checked store access (``northbound``)."""

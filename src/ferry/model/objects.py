@@ -1,0 +1,428 @@
+"""The northbound model: the logical topology as typed, validated objects.
+
+Each object checks what it can alone (formats, ranges, an IP inside its own CIDR); invariants
+between objects (references, unique IPs and MACs, allocated keys) are checked by
+``ferry.model.northbound`` when the object is written. Every object carries an id, a topic (its
+project; ``GLOBAL`` for chassis) and the store version it was read at (0 = never stored).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import re
+import uuid
+from enum import StrEnum
+from typing import Any, ClassVar, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ferry.store.base import GLOBAL
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_NAME = re.compile(r"^[^/\s][^/]{0,254}$")
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def normalize_mac(value: str) -> str:
+    """Lower-case colon form; rejects anything else, and multicast or all-zero MACs."""
+    mac = value.strip().lower().replace("-", ":")
+    if not _MAC.match(mac):
+        raise ValueError(f"{value!r} is not a MAC address (expected aa:bb:cc:dd:ee:ff)")
+    if int(mac[:2], 16) & 1:
+        raise ValueError(f"{value!r} is a multicast MAC; a port needs a unicast MAC")
+    if mac == "00:00:00:00:00:00":
+        raise ValueError("00:00:00:00:00:00 is not a usable MAC address")
+    return mac
+
+
+class NbObject(BaseModel):
+    """Fields every northbound object has."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    TABLE: ClassVar[str] = ""
+
+    id: str = Field(default_factory=new_id, description="Unique id (a UUID unless given).")
+    topic: str = Field(description="The owning project; GLOBAL for objects every chassis needs.")
+    version: int = Field(default=0, ge=0, description="Store revision of the last write.")
+    name: str = Field(default="", max_length=255, description="A human-readable name.")
+
+    @field_validator("id", "topic")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r} must be 1-255 characters, no '/' and no leading space")
+        return v
+
+    def to_doc(self) -> dict[str, Any]:
+        """The stored document (version is the store's, not part of the data)."""
+        return self.model_dump(mode="json", exclude={"version"})
+
+
+class Chassis(NbObject):
+    """A compute node running a Ferry controller."""
+
+    TABLE: ClassVar[str] = "chassis"
+    topic: str = GLOBAL
+    tunnel_ip: IPAddress = Field(description="Underlay address other chassis tunnel to.")
+    tunnel_types: tuple[Literal["geneve"], ...] = Field(default=("geneve",), min_length=1)
+    bridge_mappings: dict[str, str] = Field(
+        default_factory=dict, description="Physical network name → OVS bridge (e.g. br-ex)."
+    )
+
+    @model_validator(mode="after")
+    def _id_is_name(self) -> Self:
+        if self.name and self.name != self.id:
+            raise ValueError(f"chassis name {self.name!r} must equal its id {self.id!r}")
+        return self
+
+
+class NetworkType(StrEnum):
+    GENEVE = "geneve"
+    FLAT = "flat"
+
+
+class LogicalSwitch(NbObject):
+    """A network (L2 broadcast domain)."""
+
+    TABLE: ClassVar[str] = "network"
+    mtu: int = Field(default=1442, ge=68, le=9000, description="MTU offered to ports.")
+    network_type: NetworkType = NetworkType.GENEVE
+    physical_network: str | None = Field(
+        default=None, description="For flat networks: the physical network name."
+    )
+    external: bool = Field(default=False, description="router:external (floating IPs).")
+    admin_state_up: bool = True
+    shared: bool = False
+    tunnel_key: int = Field(
+        default=0, ge=0, lt=2**24, description="Geneve VNI; 0 until the store allocates one."
+    )
+
+    @model_validator(mode="after")
+    def _flat_needs_physnet(self) -> Self:
+        if (self.network_type is NetworkType.FLAT) != (self.physical_network is not None):
+            raise ValueError("physical_network is required for flat networks and only for them")
+        return self
+
+
+class AllocationPool(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    start: IPAddress
+    end: IPAddress
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.start.version != self.end.version or int(self.start) > int(self.end):
+            raise ValueError(f"allocation pool {self.start}-{self.end}: start must be <= end")
+        return self
+
+
+class HostRoute(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    destination: IPNetwork
+    nexthop: IPAddress
+
+
+class Subnet(NbObject):
+    """An IP range on a network."""
+
+    TABLE: ClassVar[str] = "subnet"
+    network_id: str
+    cidr: IPNetwork
+    gateway_ip: IPAddress | None = None
+    allocation_pools: tuple[AllocationPool, ...] = ()
+    enable_dhcp: bool = True
+    host_routes: tuple[HostRoute, ...] = ()
+    dns_nameservers: tuple[IPAddress, ...] = ()
+
+    @field_validator("cidr", mode="before")
+    @classmethod
+    def _strict_cidr(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                ipaddress.ip_network(v, strict=True)
+            except ValueError as e:
+                raise ValueError(f"{v!r} is not a valid CIDR (host bits set?): {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _inside(self) -> Self:
+        net = self.cidr
+        if self.gateway_ip is not None:
+            if self.gateway_ip not in net:
+                raise ValueError(f"gateway_ip {self.gateway_ip} is outside {net}")
+            if net.version == 4 and net.prefixlen < 31 and self.gateway_ip in (
+                net.network_address, net.broadcast_address
+            ):
+                raise ValueError(
+                    f"gateway_ip {self.gateway_ip} is the network or broadcast address"
+                )
+        for pool in self.allocation_pools:
+            if pool.start not in net or pool.end not in net:
+                raise ValueError(f"allocation pool {pool.start}-{pool.end} is outside {net}")
+            if self.gateway_ip is not None and int(pool.start) <= int(self.gateway_ip) <= int(
+                pool.end
+            ):
+                raise ValueError(
+                    f"allocation pool {pool.start}-{pool.end} contains gateway_ip {self.gateway_ip}"
+                )
+        ranges = sorted((int(p.start), int(p.end)) for p in self.allocation_pools)
+        for (_, end), (start, _) in itertools.pairwise(ranges):
+            if start <= end:
+                raise ValueError("allocation pools overlap")
+        for route in self.host_routes:
+            if route.destination.version != net.version:
+                raise ValueError(f"host route {route.destination}: IP version differs from {net}")
+        return self
+
+
+class FixedIP(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    subnet_id: str
+    ip_address: IPAddress
+
+
+class AddressPair(BaseModel):
+    """An extra address a port may send from (VRRP, a VIP...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ip_address: IPNetwork = Field(description="An address or CIDR the port may use.")
+    mac_address: str | None = Field(default=None, description="The MAC with it (port's if None).")
+
+    @field_validator("ip_address", mode="before")
+    @classmethod
+    def _loose_cidr(cls, v: Any) -> Any:
+        return ipaddress.ip_network(v, strict=False) if isinstance(v, str) else v
+
+    @field_validator("mac_address")
+    @classmethod
+    def _mac(cls, v: str | None) -> str | None:
+        return None if v is None else normalize_mac(v)
+
+
+class VnicType(StrEnum):
+    NORMAL = "normal"
+    DIRECT = "direct"
+    MACVTAP = "macvtap"
+    VHOST_USER = "vhost-user"
+
+
+class BindingStatus(StrEnum):
+    ACTIVE = "ACTIVE"
+    INACTIVE = "INACTIVE"
+
+
+class PortBinding(BaseModel):
+    """A port's binding to a host (Neutron's port binding; one per host, one active)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    host: str = Field(description="The host (chassis name) the port is bound to.")
+    vnic_type: VnicType = VnicType.NORMAL
+    profile: dict[str, Any] = Field(default_factory=dict)
+    vif_type: str = "ovs"
+    status: BindingStatus = BindingStatus.ACTIVE
+
+
+class LogicalPort(NbObject):
+    """A port of a network: a VM's NIC, a router interface, a floating IP's port..."""
+
+    TABLE: ClassVar[str] = "port"
+    network_id: str
+    mac: str
+    fixed_ips: tuple[FixedIP, ...] = ()
+    device_owner: str = ""
+    device_id: str = ""
+    admin_state_up: bool = True
+    port_security_enabled: bool = True
+    security_groups: tuple[str, ...] = ()
+    allowed_address_pairs: tuple[AddressPair, ...] = ()
+    bindings: tuple[PortBinding, ...] = Field(
+        default=(), description="Per-host bindings; at most one ACTIVE (where the VM runs)."
+    )
+    tunnel_key: int = Field(default=0, ge=0, lt=2**31, description="0 until allocated.")
+    status: Literal["ACTIVE", "DOWN", "BUILD"] = "DOWN"
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str) -> str:
+        return normalize_mac(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        hosts = [b.host for b in self.bindings]
+        if len(hosts) != len(set(hosts)):
+            raise ValueError("bindings: one binding per host")
+        if sum(b.status is BindingStatus.ACTIVE for b in self.bindings) > 1:
+            raise ValueError("bindings: at most one binding may be ACTIVE")
+        ips = [f.ip_address for f in self.fixed_ips]
+        if len(ips) != len(set(ips)):
+            raise ValueError("fixed_ips: the same IP address is listed twice")
+        if self.security_groups and not self.port_security_enabled:
+            raise ValueError("security_groups need port_security_enabled")
+        if self.allowed_address_pairs and not self.port_security_enabled:
+            raise ValueError("allowed_address_pairs need port_security_enabled")
+        return self
+
+    @property
+    def active_binding(self) -> PortBinding | None:
+        return next((b for b in self.bindings if b.status is BindingStatus.ACTIVE), None)
+
+    @property
+    def host(self) -> str | None:
+        """binding:host_id: the host of the active binding."""
+        b = self.active_binding
+        return b.host if b else None
+
+    def binding_for(self, host: str) -> PortBinding | None:
+        return next((b for b in self.bindings if b.host == host), None)
+
+
+class RouterPort(BaseModel):
+    """A router's interface on a subnet (its port is a LogicalPort on that network)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    port_id: str
+    subnet_id: str
+
+
+class ExtraRoute(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    destination: IPNetwork
+    nexthop: IPAddress
+
+
+class ExternalGateway(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    network_id: str
+    port_id: str | None = None
+    enable_snat: bool = True
+
+
+class LogicalRouter(NbObject):
+    TABLE: ClassVar[str] = "router"
+    admin_state_up: bool = True
+    ports: tuple[RouterPort, ...] = ()
+    routes: tuple[ExtraRoute, ...] = ()
+    gateway: ExternalGateway | None = None
+
+    @model_validator(mode="after")
+    def _one_port_per_subnet(self) -> Self:
+        subnets = [p.subnet_id for p in self.ports]
+        if len(subnets) != len(set(subnets)):
+            raise ValueError("ports: a router has at most one interface per subnet")
+        return self
+
+
+class FloatingIP(NbObject):
+    TABLE: ClassVar[str] = "floatingip"
+    floating_network_id: str
+    floating_ip_address: IPAddress
+    port_id: str | None = None
+    fixed_ip_address: IPAddress | None = None
+    router_id: str | None = None
+
+    @model_validator(mode="after")
+    def _association(self) -> Self:
+        if self.fixed_ip_address is not None and self.port_id is None:
+            raise ValueError("fixed_ip_address needs port_id")
+        return self
+
+
+class SecurityGroup(NbObject):
+    TABLE: ClassVar[str] = "secgroup"
+    description: str = ""
+
+
+class Direction(StrEnum):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+_PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132}
+
+
+class SecurityGroupRule(NbObject):
+    TABLE: ClassVar[str] = "secgrouprule"
+    security_group_id: str
+    direction: Direction
+    ethertype: Literal["IPv4", "IPv6"] = "IPv4"
+    protocol: str | None = Field(default=None, description="tcp, udp, icmp... or a number.")
+    port_range_min: int | None = Field(default=None, ge=0, le=65535)
+    port_range_max: int | None = Field(default=None, ge=0, le=65535)
+    remote_ip_prefix: IPNetwork | None = None
+    remote_group_id: str | None = None
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol(cls, v: str | None) -> str | None:
+        if v is None or v.lower() in _PROTOCOLS:
+            return None if v is None else v.lower()
+        if v.isdigit() and 0 <= int(v) <= 255:
+            return v
+        raise ValueError(f"{v!r} is not a protocol name ({', '.join(_PROTOCOLS)}) or 0-255")
+
+    @field_validator("remote_ip_prefix", mode="before")
+    @classmethod
+    def _loose_prefix(cls, v: Any) -> Any:
+        return ipaddress.ip_network(v, strict=False) if isinstance(v, str) else v
+
+    @property
+    def ip_proto(self) -> int | None:
+        if self.protocol is None:
+            return None
+        return _PROTOCOLS.get(self.protocol) or int(self.protocol)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        lo, hi = self.port_range_min, self.port_range_max
+        if (lo is not None or hi is not None) and self.protocol not in ("tcp", "udp", "sctp",
+                                                                         "icmp", "icmpv6"):
+            raise ValueError("port_range_min/max need protocol tcp, udp, sctp or icmp")
+        if lo is not None and hi is not None and lo > hi and self.protocol in ("tcp", "udp",
+                                                                               "sctp"):
+            raise ValueError(f"port_range_min {lo} is greater than port_range_max {hi}")
+        if self.remote_ip_prefix is not None and self.remote_group_id is not None:
+            raise ValueError("remote_ip_prefix and remote_group_id are mutually exclusive")
+        family = 4 if self.ethertype == "IPv4" else 6
+        if self.remote_ip_prefix is not None and self.remote_ip_prefix.version != family:
+            raise ValueError(f"remote_ip_prefix {self.remote_ip_prefix} is not {self.ethertype}")
+        return self
+
+
+class MigrationStatus(StrEnum):
+    PLUGGED = "plugged"  # step 1: destination VIF up, binding authorized
+    SOURCE_UNPLUGGED = "source_unplugged"  # step 2
+    DONE = "done"  # step 3: binding moved, every chassis converged
+    ROLLED_BACK = "rolled_back"
+
+
+class Migration(NbObject):
+    """A port moving between chassis; its id is the port id (one migration per port)."""
+
+    TABLE: ClassVar[str] = "migration"
+    port_id: str
+    source_chassis: str
+    dest_chassis: str
+    status: MigrationStatus = MigrationStatus.PLUGGED
+    timestamps: dict[str, float] = Field(
+        default_factory=dict, description="Event name → wall-clock time it was seen."
+    )
+
+    @model_validator(mode="after")
+    def _two_chassis(self) -> Self:
+        if self.source_chassis == self.dest_chassis:
+            raise ValueError("source_chassis and dest_chassis must differ")
+        return self
+
+
+ALL_TYPES: tuple[type[NbObject], ...] = (
+    Chassis, LogicalSwitch, Subnet, LogicalPort, LogicalRouter, FloatingIP, SecurityGroup,
+    SecurityGroupRule, Migration,
+)
+BY_TABLE: dict[str, type[NbObject]] = {t.TABLE: t for t in ALL_TYPES}
