@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from ferry.model.objects import (
     BY_TABLE,
     Chassis,
+    FieldError,
     FloatingIP,
     LogicalPort,
     LogicalRouter,
@@ -51,7 +52,11 @@ def parse(cls: type[T], data: Mapping[str, Any]) -> T:
         return cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(object)"
+        loc = [str(p) for p in err["loc"]]
+        blamed = (err.get("ctx") or {}).get("error")
+        if isinstance(blamed, FieldError):
+            loc.append(blamed.field)
+        where = ".".join(loc) or "(object)"
         msg = str(err["msg"]).removeprefix("Value error, ")
         extra = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         raise InvalidObject(cls.TABLE, where, msg + extra) from None

@@ -26,6 +26,14 @@ _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _NAME = re.compile(r"^[^/\s][^/]{0,254}$")
 
 
+class FieldError(ValueError):
+    """Raised by a check across fields, naming the field it blames."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -79,7 +87,7 @@ class Chassis(NbObject):
     @model_validator(mode="after")
     def _id_is_name(self) -> Self:
         if self.name and self.name != self.id:
-            raise ValueError(f"chassis name {self.name!r} must equal its id {self.id!r}")
+            raise FieldError("name", f"chassis name {self.name!r} must equal its id {self.id!r}")
         return self
 
 
@@ -107,7 +115,10 @@ class LogicalSwitch(NbObject):
     @model_validator(mode="after")
     def _flat_needs_physnet(self) -> Self:
         if (self.network_type is NetworkType.FLAT) != (self.physical_network is not None):
-            raise ValueError("physical_network is required for flat networks and only for them")
+            raise FieldError(
+                "physical_network",
+                "physical_network is required for flat networks and only for them",
+            )
         return self
 
 
@@ -119,7 +130,9 @@ class AllocationPool(BaseModel):
     @model_validator(mode="after")
     def _ordered(self) -> Self:
         if self.start.version != self.end.version or int(self.start) > int(self.end):
-            raise ValueError(f"allocation pool {self.start}-{self.end}: start must be <= end")
+            raise FieldError(
+                "start", f"allocation pool {self.start}-{self.end}: start must be <= end"
+            )
         return self
 
 
@@ -156,29 +169,36 @@ class Subnet(NbObject):
         net = self.cidr
         if self.gateway_ip is not None:
             if self.gateway_ip not in net:
-                raise ValueError(f"gateway_ip {self.gateway_ip} is outside {net}")
+                raise FieldError("gateway_ip", f"gateway_ip {self.gateway_ip} is outside {net}")
             if net.version == 4 and net.prefixlen < 31 and self.gateway_ip in (
                 net.network_address, net.broadcast_address
             ):
-                raise ValueError(
-                    f"gateway_ip {self.gateway_ip} is the network or broadcast address"
+                raise FieldError(
+                    "gateway_ip",
+                    f"gateway_ip {self.gateway_ip} is the network or broadcast address",
                 )
         for pool in self.allocation_pools:
             if pool.start not in net or pool.end not in net:
-                raise ValueError(f"allocation pool {pool.start}-{pool.end} is outside {net}")
+                raise FieldError(
+                    "allocation_pools", f"allocation pool {pool.start}-{pool.end} is outside {net}"
+                )
             if self.gateway_ip is not None and int(pool.start) <= int(self.gateway_ip) <= int(
                 pool.end
             ):
-                raise ValueError(
-                    f"allocation pool {pool.start}-{pool.end} contains gateway_ip {self.gateway_ip}"
+                raise FieldError(
+                    "allocation_pools",
+                    f"allocation pool {pool.start}-{pool.end} contains gateway_ip "
+                    f"{self.gateway_ip}",
                 )
         ranges = sorted((int(p.start), int(p.end)) for p in self.allocation_pools)
         for (_, end), (start, _) in itertools.pairwise(ranges):
             if start <= end:
-                raise ValueError("allocation pools overlap")
+                raise FieldError("allocation_pools", "allocation pools overlap")
         for route in self.host_routes:
             if route.destination.version != net.version:
-                raise ValueError(f"host route {route.destination}: IP version differs from {net}")
+                raise FieldError(
+                    "host_routes", f"host route {route.destination}: IP version differs from {net}"
+                )
         return self
 
 
@@ -257,16 +277,18 @@ class LogicalPort(NbObject):
     def _consistent(self) -> Self:
         hosts = [b.host for b in self.bindings]
         if len(hosts) != len(set(hosts)):
-            raise ValueError("bindings: one binding per host")
+            raise FieldError("bindings", "one binding per host")
         if sum(b.status is BindingStatus.ACTIVE for b in self.bindings) > 1:
-            raise ValueError("bindings: at most one binding may be ACTIVE")
+            raise FieldError("bindings", "at most one binding may be ACTIVE")
         ips = [f.ip_address for f in self.fixed_ips]
         if len(ips) != len(set(ips)):
-            raise ValueError("fixed_ips: the same IP address is listed twice")
+            raise FieldError("fixed_ips", "the same IP address is listed twice")
         if self.security_groups and not self.port_security_enabled:
-            raise ValueError("security_groups need port_security_enabled")
+            raise FieldError("security_groups", "security groups need port_security_enabled")
         if self.allowed_address_pairs and not self.port_security_enabled:
-            raise ValueError("allowed_address_pairs need port_security_enabled")
+            raise FieldError(
+                "allowed_address_pairs", "allowed address pairs need port_security_enabled"
+            )
         return self
 
     @property
@@ -315,7 +337,7 @@ class LogicalRouter(NbObject):
     def _one_port_per_subnet(self) -> Self:
         subnets = [p.subnet_id for p in self.ports]
         if len(subnets) != len(set(subnets)):
-            raise ValueError("ports: a router has at most one interface per subnet")
+            raise FieldError("ports", "a router has at most one interface per subnet")
         return self
 
 
@@ -330,7 +352,7 @@ class FloatingIP(NbObject):
     @model_validator(mode="after")
     def _association(self) -> Self:
         if self.fixed_ip_address is not None and self.port_id is None:
-            raise ValueError("fixed_ip_address needs port_id")
+            raise FieldError("fixed_ip_address", "fixed_ip_address needs port_id")
         return self
 
 
@@ -383,15 +405,22 @@ class SecurityGroupRule(NbObject):
         lo, hi = self.port_range_min, self.port_range_max
         if (lo is not None or hi is not None) and self.protocol not in ("tcp", "udp", "sctp",
                                                                          "icmp", "icmpv6"):
-            raise ValueError("port_range_min/max need protocol tcp, udp, sctp or icmp")
+            raise FieldError("protocol", "port_range_min/max need protocol tcp, udp, sctp or icmp")
         if lo is not None and hi is not None and lo > hi and self.protocol in ("tcp", "udp",
                                                                                "sctp"):
-            raise ValueError(f"port_range_min {lo} is greater than port_range_max {hi}")
+            raise FieldError(
+                "port_range_min", f"port_range_min {lo} is greater than port_range_max {hi}"
+            )
         if self.remote_ip_prefix is not None and self.remote_group_id is not None:
-            raise ValueError("remote_ip_prefix and remote_group_id are mutually exclusive")
+            raise FieldError(
+                "remote_ip_prefix", "remote_ip_prefix and remote_group_id are mutually exclusive"
+            )
         family = 4 if self.ethertype == "IPv4" else 6
         if self.remote_ip_prefix is not None and self.remote_ip_prefix.version != family:
-            raise ValueError(f"remote_ip_prefix {self.remote_ip_prefix} is not {self.ethertype}")
+            raise FieldError(
+                "remote_ip_prefix",
+                f"remote_ip_prefix {self.remote_ip_prefix} is not {self.ethertype}",
+            )
         return self
 
 
@@ -417,7 +446,7 @@ class Migration(NbObject):
     @model_validator(mode="after")
     def _two_chassis(self) -> Self:
         if self.source_chassis == self.dest_chassis:
-            raise ValueError("source_chassis and dest_chassis must differ")
+            raise FieldError("dest_chassis", "source_chassis and dest_chassis must differ")
         return self
 
 
