@@ -235,6 +235,18 @@ def test_migration_building_blocks(lab2: Lab) -> None:
     wait_for(lambda: ovs2.vsctl("get", "Interface", dst.host_if, "link_state").strip() == "up",
              timeout=5)
     wait_for(lambda: ping_ok(lab2, "a", "10.0.0.3"), timeout=10, what="ping after the move")
+    ofport = lab2.ofport(2, dst.host_if)
+
+    def rx_packets() -> int:
+        out = ovs2.ofctl("dump-ports", "br-int", str(ofport))
+        match = re.search(r"rx pkts=(\d+)", out)
+        assert match, out
+        return int(match.group(1))
+
+    before = rx_packets()
+    lab2.announce("a", "chassis-2", "rarp", count=3)
+    lab2.announce("a", "chassis-2", "garp")
+    wait_for(lambda: rx_packets() >= before + 4, timeout=5, what="announcements on the port")
     lab2.unplug_vif("a", "chassis-1")
     assert host_if(lab2, "a", "chassis-2") == dst.host_if
     vm = Lab.load(lab2.prefix, lab2.base_dir).status()["vms"][0]

@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -76,6 +77,25 @@ MAX_SOCKET_PATH = 100  # sun_path is 108 bytes; keep a margin for "<bridge>.mgmt
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,7}$")
 _VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+# Run inside the VM namespace by Lab.announce: argv = dev mac ip kind count.
+_ANNOUNCE = """
+import socket, sys
+dev, mac, ip, kind, count = sys.argv[1:6]
+m = bytes.fromhex(mac.replace(":", ""))
+a = socket.inet_aton(ip)
+if kind == "rarp":  # ethertype 0x8035, op 3 (reverse request), as QEMU sends
+    body = b"\\x80\\x35" + bytes.fromhex("0001080006040003") + m + bytes(4) + m + bytes(4)
+else:  # gratuitous ARP request
+    body = b"\\x08\\x06" + bytes.fromhex("0001080006040001") + m + a + bytes(6) + a
+frame = b"\\xff" * 6 + m + body
+frame += bytes(max(0, 60 - len(frame)))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((dev, 0))
+for _ in range(int(count)):
+    s.send(frame)
+"""
 
 
 class LabError(RuntimeError):
@@ -538,6 +558,19 @@ class Lab:
             else:
                 nx.link_set(v.netns, vif.guest_if, "down")
             vif.link_up = up
+
+    def announce(self, vm: str, chassis: str | int, kind: str = "rarp", count: int = 1) -> None:
+        """Send what a hypervisor sends after a migration, from the VM's VIF on ``chassis``:
+        ``rarp`` (QEMU's self-announce: broadcast RARP with the VM's MAC) or ``garp``
+        (gratuitous ARP for the VM's address). The VIF's link must be up."""
+        v = self.vm(vm)
+        vif = v.vif(self.chassis(chassis).name)
+        if vif is None:
+            raise LabError(f"VM {vm!r} is not plugged on {chassis}")
+        if kind not in ("rarp", "garp"):
+            raise LabError(f"unknown announcement {kind!r}: want 'rarp' or 'garp'")
+        argv = [sys.executable, "-c", _ANNOUNCE, vif.guest_if, v.mac, v.ip, kind, str(count)]
+        nx.run(nx.in_netns(v.netns, argv))
 
     def unplug_vif(self, vm: str, chassis: str | int, force: bool = False) -> None:
         """Delete the VM's port on the chassis' br-int and its veth (both ends).
