@@ -1,0 +1,84 @@
+"""The OpenFlow pipeline of br-int, declared as data.
+
+Every table has a name, a number, the one app that owns it and the tables it may continue to.
+Numbers are assigned here and nowhere else; ``check_flow`` rejects a flow that an app writes to
+a table it does not own or that jumps where the declaration does not allow.
+
+Registers carry the logical context between tables:
+  metadata  the network's tunnel key (VNI)
+  reg6      the logical source port's key (set by classification)
+  reg7      the logical destination port's key (set by L2 lookup)
+  reg5      flags; bit 0 = the packet came in from a tunnel
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ferry.switch.flow import Flow, FlowError, Resubmit
+
+REG_NETWORK = "metadata"
+REG_SRC_PORT = "reg6"
+REG_DST_PORT = "reg7"
+REG_FLAGS = "reg5"
+FLAG_FROM_TUNNEL = 1
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    number: int
+    owner: str
+    next: tuple[str, ...]
+    doc: str
+
+
+TABLES: tuple[Table, ...] = (
+    Table("classify", 0, "classifier", ("port_security", "l2_lookup"),
+          "in_port → logical port and network; tunnel → network"),
+    Table("port_security", 10, "port_security", ("arp_responder",),
+          "a VM sends only with its own MAC/IPs and allowed address pairs"),
+    Table("arp_responder", 20, "arp_responder", ("l2_lookup",),
+          "ARP requests for known ports answered on this chassis"),
+    Table("l2_lookup", 30, "l2", ("flood", "egress"),
+          "destination MAC → logical destination port; broadcast and unknown → flood"),
+    Table("flood", 40, "l2", (),
+          "to every local port of the network and every other chassis hosting it"),
+    Table("egress", 50, "l2", (),
+          "logical destination port → local OpenFlow port or Geneve tunnel"),
+)
+
+BY_NAME: dict[str, Table] = {t.name: t for t in TABLES}
+BY_NUMBER: dict[int, Table] = {t.number: t for t in TABLES}
+
+
+def table(name: str) -> int:
+    return BY_NAME[name].number
+
+
+def check_declaration() -> None:
+    """Names and numbers unique, every jump forward to a declared table."""
+    if len(BY_NAME) != len(TABLES) or len(BY_NUMBER) != len(TABLES):
+        raise FlowError("pipeline: duplicate table name or number")
+    for t in TABLES:
+        for nxt in t.next:
+            if nxt not in BY_NAME or BY_NAME[nxt].number <= t.number:
+                raise FlowError(f"pipeline: {t.name} → {nxt} is not a forward jump")
+
+
+def check_flow(app: str, flow: Flow) -> Flow:
+    """A flow is in a table its app owns and continues only where the table may."""
+    decl = BY_NUMBER.get(flow.table)
+    if decl is None:
+        raise FlowError(f"{app}: table {flow.table} is not declared: {flow}")
+    if decl.owner != app:
+        raise FlowError(f"{app}: table {decl.name} belongs to {decl.owner}: {flow}")
+    targets = [flow.goto] + [a.table for a in flow.actions if isinstance(a, Resubmit)]
+    allowed = {BY_NAME[n].number for n in decl.next}
+    for target in targets:
+        if target is not None and target not in allowed:
+            raise FlowError(f"{app}: {decl.name} may not continue to table {target}: {flow}")
+    return flow
+
+
+check_declaration()
