@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -93,17 +94,24 @@ def test_bridge_mappings_round_trip() -> None:
 # Fixtures and helpers for the real switch
 
 
-@pytest.fixture
-def ovs(tmp_path: Path) -> Iterator[OvsInstance]:
+@contextmanager
+def private_ovs(rundir: Path) -> Iterator[OvsInstance]:
+    """A started OvsInstance in a fresh network namespace; stopped by PID, namespace deleted."""
     netns = f"fo-{secrets.token_hex(4)}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
-    inst = OvsInstance(tmp_path / "ovs", netns=netns)
+    inst = OvsInstance(rundir, netns=netns)
     try:
         inst.start()
         yield inst
     finally:
         inst.stop()
         subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+@pytest.fixture
+def ovs(tmp_path: Path) -> Iterator[OvsInstance]:
+    with private_ovs(tmp_path / "ovs") as inst:
+        yield inst
 
 
 @pytest.fixture
@@ -266,6 +274,20 @@ async def test_ensure_integration_bridge_errors(ovs: OvsInstance, ovsdb: Chassis
     ovs.vsctl("add-port", "br-other", "geneve0")
     with pytest.raises(OvsdbError, match="geneve0 exists but is not on bridge br-int"):
         await ovsdb.ensure_integration_bridge(CTL_TARGET)
+
+
+@pytest.mark.ovs
+async def test_ensure_integration_bridge_reports_vswitchd_error(
+    ovs: OvsInstance, ovsdb: ChassisOvsdb
+) -> None:
+    """A second flow-based Geneve port cannot be added: fail fast with ovs-vswitchd's error."""
+    ovs.add_bridge("br-int")
+    ovs.vsctl("add-port", "br-int", "gen-first", "--", "set", "Interface", "gen-first",
+              "type=geneve", "options:remote_ip=flow", "options:key=flow")
+    started = time.monotonic()
+    with pytest.raises(OvsdbError, match="t1: interface geneve0: could not add network device"):
+        await ovsdb.ensure_integration_bridge(CTL_TARGET)
+    assert time.monotonic() - started < EVENT_TIMEOUT / 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,6 +504,26 @@ async def test_close_stops_idl_thread_and_ends_events(ovs: OvsInstance) -> None:
     with pytest.raises(OvsdbError, match="not started, or closed"):
         await db.get_chassis_config()
     await db.close()  # twice is fine
+
+
+@pytest.mark.ovs
+async def test_two_chassis_in_one_process(ovs: OvsInstance, tmp_path: Path) -> None:
+    """ovsdbapp keeps its connection in a class attribute; each ChassisOvsdb must have its own."""
+    with private_ovs(tmp_path / "ovs2") as other:
+        async with (
+            ChassisOvsdb(ovs.ovsdb_url, chassis="c1") as db1,
+            ChassisOvsdb(other.ovsdb_url, chassis="c2") as db2,
+        ):
+            await db1.ensure_integration_bridge(CTL_TARGET)
+            await db2.ensure_integration_bridge(CTL_TARGET)
+            await db1.set_chassis_config(system_id="c1")
+            await db2.set_chassis_config(system_id="c2")
+            add_vif(other, "vif2", "external_ids:iface-id=P2")
+            add_vif(ovs, "vif1", "external_ids:iface-id=P1")
+            assert [e.name for e in await Events(db1).until_online("vif1")] == ["vif1"]
+            assert [e.name for e in await Events(db2).until_online("vif2")] == ["vif2"]
+            assert (await db1.get_chassis_config()).system_id == "c1"
+            assert (await db2.get_chassis_config()).system_id == "c2"
 
 
 @pytest.mark.ovs

@@ -204,6 +204,12 @@ def _valid_ofport(iface: Any) -> int | None:
     return int(ofport) if ofport is not None and ofport > 0 else None
 
 
+def _vswitchd_caught_up(idl: Any) -> bool:
+    """ovs-vswitchd has applied every configuration change requested with next_cfg."""
+    root = _root(idl)
+    return bool(root.cur_cfg >= root.next_cfg)
+
+
 def _vif_of(iface: Any) -> VifOnline | None:
     external_ids: dict[str, str] = dict(iface.external_ids)
     iface_id = external_ids.get(IFACE_ID_KEY)
@@ -345,6 +351,9 @@ def _ensure_integration_bridge(txn: Any, idl: Any, spec: _BridgeSpec) -> list[st
     br = _ensure_bridge_row(txn, idl, spec, changes)
     _ensure_tunnel_port(txn, idl, br, spec, changes)
     _ensure_controller(txn, idl, br, spec, changes)
+    if changes:
+        # As ovs-vsctl does: lets waiters tell when ovs-vswitchd has applied this change.
+        _root(idl).increment("next_cfg")
     return changes
 
 
@@ -618,10 +627,12 @@ class ChassisOvsdb:
         the Geneve port ``tunnel_port`` (``type=geneve``, ``options:remote_ip=flow``,
         ``options:key=flow``), and a single Controller row ``controller_target``
         (``unix:PATH`` or ``tcp:IP:PORT``) with ``max_backoff`` and ``inactivity_probe``.
-        A second call with the same arguments writes nothing. Then waits (no polling) until
-        ovs-vswitchd has given the Geneve interface a valid ofport; raises
-        :class:`OvsdbError` if ovs-vswitchd reports an error on it, :class:`OvsdbTimeout`
-        after ``timeout``.
+        A transaction that changes something also bumps ``next_cfg`` (as ovs-vsctl does); a
+        second call with the same arguments writes nothing at all. Then waits (no polling)
+        until ovs-vswitchd has given the Geneve interface a valid ofport: see
+        :meth:`wait_ofport` for the errors.
+
+        The bridge is the one given to the constructor (the one whose VIFs are monitored).
         """
         if not controller_target.startswith(CONTROLLER_PREFIXES):
             raise ValueError(f"controller target {controller_target!r}: want unix:, tcp: or ssl:")
@@ -638,7 +649,8 @@ class ChassisOvsdb:
     async def wait_ofport(self, iface: str) -> int:
         """The interface's ofport once valid (> 0), awaited without polling.
 
-        Raises :class:`OvsdbError` at once if ovs-vswitchd reports an error on the interface,
+        Raises :class:`OvsdbError` as soon as ovs-vswitchd, having applied the latest
+        configuration (``cur_cfg`` caught up with ``next_cfg``), reports an error on it;
         :class:`OvsdbTimeout` after ``timeout`` (wrap in ``asyncio.timeout`` for less).
         """
 
@@ -647,10 +659,12 @@ class ChassisOvsdb:
             if row is None:
                 return None
             ofport = _valid_ofport(row)
+            if ofport is not None:
+                return ofport
             error = _optional(row.error)
-            if ofport is None and error:
+            if error and _vswitchd_caught_up(idl):  # not a stale error from an older config
                 raise OvsdbError(f"chassis {self.chassis}: interface {iface}: {error}")
-            return ofport
+            return None
 
         return await self._wait_for(f"ofport of {iface}", probe)
 
