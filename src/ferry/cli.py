@@ -13,3 +13,12 @@ def version() -> None:
     from ferry import __version__
 
     typer.echo(__version__)
+
+
+def _register() -> None:
+    from ferry.agent.cli import controller_command
+
+    app.command("controller")(controller_command)
+
+
+_register()

@@ -44,10 +44,17 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+# python-ovs imports eventlet, when it is installed (os-ken declares it), only to ask whether
+# select() was monkey-patched. Ferry never runs eventlet: make that import fail so the module
+# is not even loaded (and does not warn); python-ovs then uses plain select().
+if "eventlet" not in sys.modules:
+    sys.modules["eventlet"] = None  # type: ignore[assignment]
 
 from ovsdbapp import exceptions as ovsdbapp_exceptions
 from ovsdbapp.backend.ovs_idl import command as ovs_command

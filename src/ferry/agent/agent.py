@@ -1,0 +1,173 @@
+"""The chassis agent: the I/O edge around the pure core.
+
+Inputs: the store (per-topic watches), OVSDB (VIF events). Output: flows on br-int through
+OpenFlow. The agent registers its chassis, makes sure br-int, the Geneve port and the
+controller target exist, subscribes to the global topic and to the project of every local VIF,
+and keeps the switch's flows equal to the core's desired flows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ferry.agent.flowsync import FlowSync
+from ferry.agent.subscriptions import Change, Deleted, Resynced, Subscriptions, Updated
+from ferry.core.chassis import ChassisCore, DerivedEvent
+from ferry.core.topology import Vif
+from ferry.model.northbound import Northbound
+from ferry.model.objects import Chassis
+from ferry.store.base import GLOBAL, Store
+from ferry.switch.openflow import Switch
+from ferry.switch.ovsdb import ChassisOvsdb, VifOffline, VifOnline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentConfig:
+    """What a chassis agent needs to know about its node."""
+
+    chassis: str
+    tunnel_ip: str
+    ovsdb_url: str
+    rundir: Path = field(default_factory=lambda: Path("/run/ferry"))
+    bridge: str = "br-int"
+    tunnel_port: str = "geneve0"
+    bridge_mappings: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def controller_socket(self) -> Path:
+        return self.rundir / f"ferry-{self.chassis}.ofp"
+
+
+class ChassisAgent:
+    def __init__(self, config: AgentConfig, store: Store,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.store = store
+        self.nb = Northbound(store)
+        self.clock = clock
+        self.core = ChassisCore(config.chassis)
+        self.switch = Switch(f"{config.chassis}/{config.bridge}")
+        self.flows = FlowSync(config.chassis, self.switch, self.core.desired,
+                              len(self.core.apps), clock)
+        self.switch.on_connected = self.flows.on_connected
+        self.ovsdb = ChassisOvsdb(config.ovsdb_url, chassis=config.chassis, bridge=config.bridge)
+        self.subs = Subscriptions(config.chassis, store, self._on_change)
+        self._vif_names: dict[str, VifOnline] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._port_topics: dict[str, str] = {}
+        self.ready = asyncio.Event()
+        self.listeners: list[Callable[[DerivedEvent], None]] = []
+
+    @property
+    def name(self) -> str:
+        return self.config.chassis
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.rundir.mkdir(parents=True, exist_ok=True)
+        await self._register()
+        await self.switch.listen(f"unix:{cfg.controller_socket}")
+        await self.ovsdb.start()
+        await self.ovsdb.set_chassis_config(system_id=cfg.chassis, tunnel_ip=cfg.tunnel_ip,
+                                            bridge_mappings=cfg.bridge_mappings)
+        tunnel_ofport = await self.ovsdb.ensure_integration_bridge(
+            f"unix:{cfg.controller_socket}", tunnel_port=cfg.tunnel_port)
+        self._derived(self.core.set_tunnel_ofport(tunnel_ofport))
+        await self.subs.subscribe(GLOBAL)
+        self._tasks = [
+            asyncio.create_task(self.flows.run(), name=f"flows-{self.name}"),
+            asyncio.create_task(self._vif_loop(), name=f"vifs-{self.name}"),
+        ]
+        self.flows.mark_dirty()
+        await self.flows.wait_synced()
+        self.ready.set()
+        log.info("chassis %s: ready (tunnel %s, geneve ofport %d)", self.name, cfg.tunnel_ip,
+                 tunnel_ofport)
+
+    async def _register(self) -> None:
+        cfg = self.config
+        want = Chassis(id=cfg.chassis, name=cfg.chassis, tunnel_ip=cfg.tunnel_ip,  # type: ignore[arg-type]
+                       bridge_mappings=cfg.bridge_mappings)
+        have = await self.nb.get(Chassis, cfg.chassis)
+        if have is None:
+            await self.nb.create(want)
+        elif have.model_copy(update={"version": 0}) != want:
+            await self.nb.update(want.model_copy(update={"version": have.version}))
+        log.info("chassis %s: registered with tunnel IP %s", cfg.chassis, cfg.tunnel_ip)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.subs.close()
+        with contextlib.suppress(Exception):
+            await self.ovsdb.close()
+        await self.switch.close()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            await self.stop()
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        if isinstance(change, Updated):
+            events = self.core.nb_updated(change.obj)
+        elif isinstance(change, Deleted):
+            events = self.core.nb_deleted(change.table, change.id)
+        elif isinstance(change, Resynced):
+            events = self.core.nb_resync(change.objects, {change.topic})
+        self._derived(events)
+        self.flows.mark_dirty()
+
+    async def _vif_loop(self) -> None:
+        async for event in self.ovsdb.events():
+            if isinstance(event, VifOnline):
+                self._vif_names[event.name] = event
+                await self._ensure_topic_of(event.iface_id)
+                events = self.core.vif_online(Vif(event.iface_id, event.ofport, event.name))
+            elif isinstance(event, VifOffline):
+                self._vif_names.pop(event.name, None)
+                still = [v for v in self._vif_names.values() if v.iface_id == event.iface_id]
+                if still:  # another interface carries the same port: it stays online
+                    v = still[0]
+                    events = self.core.vif_online(Vif(v.iface_id, v.ofport, v.name))
+                else:
+                    events = self.core.vif_offline(event.iface_id)
+            log.info("chassis %s: %s", self.name, event)
+            self._derived(events)
+            self.flows.mark_dirty()
+
+    async def _ensure_topic_of(self, port_id: str) -> None:
+        """Subscribe to the project of a local VIF's port (waiting for the port to exist)."""
+        if port_id in self._port_topics:
+            return
+        delay = 0.05
+        while True:
+            rec = await self.store.get("port", port_id)
+            if rec is not None:
+                break
+            log.warning("chassis %s: VIF for unknown port %s; waiting for it", self.name,
+                        port_id)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        self._port_topics[port_id] = rec.topic
+        await self.subs.subscribe(rec.topic)
+
+    def _derived(self, events: list[DerivedEvent]) -> None:
+        for e in events:
+            log.info("chassis %s: port %s %s %s", self.name, e.port_id,
+                     type(e).__name__, e.location)
+            for listener in self.listeners:
+                listener(e)
