@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,7 @@ from ferry.switch.openflow import (
     controller_vsctl_args,
     encode_bundle_add,
     encode_flow_mod,
+    reference_flow_mod,
 )
 
 BRIDGE = "br-int"
@@ -100,6 +102,12 @@ def test_flow_identity() -> None:
     assert f1 == f2 and hash(f1) == hash(f2) and f1.key == (0, 10, Match(in_port=1))
     assert f1 != Flow(0, 10, Match(in_port=1), (Output(3),), cookie=1)
     assert "in_port=1" in str(f1) and "output:2" in str(f1)
+
+
+@pytest.mark.parametrize("command", list(Command))
+def test_flow_mod_bytes_equal_os_ken(command: Command) -> None:
+    for flow in sample_flows():
+        assert encode_flow_mod(flow, command) == reference_flow_mod(flow, command), str(flow)
 
 
 def test_bundle_add_matches_os_ken_encoding() -> None:
@@ -434,3 +442,39 @@ print("ok")
                          timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+async def test_answers_switch_echo_requests(tmp_path: Path) -> None:
+    """OVS probes only after >= 5 s idle, so a scripted peer plays the switch here."""
+    header = struct.Struct("!BBHI")
+    replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def read_msg(reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readexactly(8)
+        return head + await reader.readexactly(header.unpack(head)[2] - 8)
+
+    async def fake_switch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(header.pack(4, 0, 8, 1))  # HELLO, OpenFlow 1.3
+        assert (await read_msg(reader))[1] == 0  # their HELLO
+        features_req = await read_msg(reader)
+        assert features_req[1] == 5
+        body = struct.pack("!QIBB2xII", 0xABC, 0, 254, 0, 0, 0)
+        writer.write(header.pack(4, 6, 8 + len(body), header.unpack(features_req)[3]) + body)
+        writer.write(header.pack(4, 2, 12, 77) + b"ping")  # ECHO_REQUEST
+        await replies.put(await read_msg(reader))
+        writer.close()
+
+    path = str(tmp_path / "fake.sock")
+    server = await asyncio.start_unix_server(fake_switch, path)
+    sw = Switch("echo")
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await sw.connect(f"unix:{path}")
+            assert sw.datapath_id == 0xABC
+            reply = await replies.get()
+        assert header.unpack_from(reply) == (4, 3, 12, 77) and reply[8:] == b"ping"
+        assert sw.echo_requests == 1
+    finally:
+        await sw.close()
+        server.close()
+        await server.wait_closed()

@@ -297,13 +297,67 @@ def _os_ken_match(match: Match) -> Any:
     return parser.OFPMatch(**dict(match.fields))
 
 
+_FLOW_MOD_BODY = struct.Struct(ofp.OFP_FLOW_MOD_PACK_STR0)
+_MATCH_HEAD = struct.Struct("!HH")
+_INSTRUCTION_ACTIONS = struct.Struct(ofp.OFP_INSTRUCTION_ACTIONS_PACK_STR)
+_INSTRUCTION_GOTO = struct.Struct(ofp.OFP_INSTRUCTION_GOTO_TABLE_PACK_STR)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _match_tlv(name: str, value: Any) -> tuple[int, bytes]:
+    """One OXM/NXM TLV, serialized by os-ken, with os-ken's sort key (the OXM type).
+
+    Match values are already canonical (masked), so os-ken's normalization is skipped.
+    """
+    header, val, mask = ofp.oxm_from_user(name, value)
+    buf = bytearray()
+    ofp.oxm_serialize(header, val, mask, buf, 0)
+    return (header[0] if isinstance(header, tuple) else header), bytes(buf)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _action_bytes(action: Action) -> bytes:
+    buf = bytearray()
+    act = _action_to_os_ken(action)
+    act.serialize(buf, 0)
+    # os-ken's Nicira actions append their body and leave the padding to whatever is
+    # serialized next: pad to the declared length here.
+    return bytes(buf).ljust(act.len, b"\0")
+
+
 @functools.lru_cache(maxsize=1 << 17)
 def encode_flow_mod(flow: Flow, command: Command) -> bytes:
     """The serialized OFPT_FLOW_MOD (xid 0) for ``command`` on ``flow``; LRU-cached.
 
     Modify and delete are strict and filter on the full cookie, so they never touch a flow
     owned by someone else (a different cookie) or the same match at another priority.
+
+    Assembled from per-field and per-action bytes that os-ken serialized (also cached, they
+    repeat across flows), in os-ken's field order: byte-identical to os-ken's OFPFlowMod
+    (tests check), at a fraction of its cost.
     """
+    tlvs = sorted(_match_tlv(name, value) for name, value in flow.match.fields)
+    match_len = _MATCH_HEAD.size + sum(len(tlv) for _, tlv in tlvs)
+    parts = [b"", b"", _MATCH_HEAD.pack(ofp.OFPMT_OXM, match_len)]
+    parts.extend(tlv for _, tlv in tlvs)
+    parts.append(bytes(-match_len % 8))
+    if command is not Command.DELETE:
+        actions = b"".join(_action_bytes(a) for a in flow.apply_actions)
+        if actions:
+            parts.append(_INSTRUCTION_ACTIONS.pack(ofp.OFPIT_APPLY_ACTIONS, 8 + len(actions)))
+            parts.append(actions)
+        if flow.goto is not None:
+            parts.append(_INSTRUCTION_GOTO.pack(ofp.OFPIT_GOTO_TABLE, 8, flow.goto))
+    parts[1] = _FLOW_MOD_BODY.pack(
+        flow.cookie, COOKIE_MAX if command is not Command.ADD else 0, flow.table,
+        command.value, 0, 0, flow.priority, ofp.OFP_NO_BUFFER, ofp.OFPP_ANY, ofp.OFPG_ANY, 0)
+    length = _HEADER.size + sum(len(p) for p in parts)
+    parts[0] = _HEADER.pack(OF13, ofp.OFPT_FLOW_MOD, length, 0)
+    return b"".join(parts)
+
+
+def reference_flow_mod(flow: Flow, command: Command) -> bytes:
+    """The same message built entirely by os-ken's OFPFlowMod (slow; for tests)."""
     strict = command is not Command.ADD
     msg = parser.OFPFlowMod(
         _DP, cookie=flow.cookie, cookie_mask=COOKIE_MAX if strict else 0,
@@ -706,6 +760,7 @@ class Switch:
         self._connected = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._bundle_ids = itertools.count(1)
+        self._closing = False
         self.connections = 0  # completed handshakes, for observers and tests
         self.echo_requests = 0  # echo requests from the switch that were answered
 
@@ -742,6 +797,7 @@ class Switch:
 
     async def close(self) -> None:
         """Stop listening, drop the connection, cancel background tasks."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -752,6 +808,7 @@ class Switch:
             self._unix_path = None
         conn = self._conn
         if conn is not None and conn.transport is not None:
+            conn.lost_reason = "closed by us"
             conn.transport.close()
             await conn.closed.wait()
         for task in list(self._tasks):
@@ -908,7 +965,8 @@ class Switch:
 
     def _on_lost(self, conn: _Connection) -> None:
         if conn is self._conn:
-            log.warning("%s: connection lost: %s", conn.label, conn.lost_reason)
+            level = logging.INFO if self._closing else logging.WARNING
+            log.log(level, "%s: connection lost: %s", conn.label, conn.lost_reason)
             self._connected.clear()
             if self.on_disconnected is not None:
                 self._callback(self.on_disconnected, self)
@@ -1019,5 +1077,7 @@ def _encode_batch(rng: _OpRange) -> bytearray:
 
 
 def clear_encode_cache() -> None:
-    """Forget cached flow-mod bytes (benchmarks measure the cold path with it)."""
+    """Forget all cached bytes (benchmarks measure the cold path with it)."""
     encode_flow_mod.cache_clear()
+    _match_tlv.cache_clear()
+    _action_bytes.cache_clear()
