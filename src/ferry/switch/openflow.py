@@ -212,10 +212,6 @@ def _serialize(msg: Any, xid: int = 0) -> bytes:
     return bytes(msg.buf)
 
 
-def _subfield(name: str, ofs: int) -> tuple[str, int]:
-    return (name, ofs)
-
-
 def _learn_spec_to_os_ken(spec: LearnSpec) -> Any:
     if isinstance(spec, LearnMatch):
         assert spec.src is not None and spec.n_bits is not None
