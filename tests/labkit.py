@@ -18,9 +18,9 @@ from ferry.store.base import Store
 P = "projA"
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
+async def eventually(check: Callable[[], Any], within: float = 15.0, what: str = "") -> Any:
     """Run the blocking ``check`` in a thread until it returns something truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     last: Any = None
     while True:
         last = await asyncio.to_thread(check)

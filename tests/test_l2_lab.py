@@ -17,7 +17,7 @@ import pytest_asyncio
 from ferry.lab.lab import Lab, destroy_leftovers
 from ferry.model.objects import LogicalSwitch, Subnet
 from ferry.store.memory import MemoryStore
-from tests.labkit import P, LabRig, eventually, make_port
+from tests.labkit import LabRig, P, eventually, make_port
 
 pytestmark = [pytest.mark.lab, pytest.mark.asyncio(loop_scope="module")]
 
