@@ -111,6 +111,10 @@ class LogicalSwitch(NbObject):
     tunnel_key: int = Field(
         default=0, ge=0, lt=2**24, description="Geneve VNI; 0 until the store allocates one."
     )
+    description: str = Field(default="", max_length=255)
+    port_security_enabled: bool = Field(
+        default=True, description="The default of port_security_enabled for new ports."
+    )
 
     @model_validator(mode="after")
     def _flat_needs_physnet(self) -> Self:
@@ -153,6 +157,7 @@ class Subnet(NbObject):
     enable_dhcp: bool = True
     host_routes: tuple[HostRoute, ...] = ()
     dns_nameservers: tuple[IPAddress, ...] = ()
+    description: str = Field(default="", max_length=255)
 
     @field_validator("cidr", mode="before")
     @classmethod
@@ -267,6 +272,15 @@ class LogicalPort(NbObject):
     )
     tunnel_key: int = Field(default=0, ge=0, lt=2**31, description="0 until allocated.")
     status: Literal["ACTIVE", "DOWN", "BUILD"] = "DOWN"
+    description: str = Field(default="", max_length=255)
+    vnic_type: VnicType = Field(
+        default=VnicType.NORMAL,
+        description="Requested vnic_type while the port has no active binding.",
+    )
+    binding_profile: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Requested binding:profile while the port has no active binding.",
+    )
 
     @field_validator("mac")
     @classmethod
@@ -332,6 +346,7 @@ class LogicalRouter(NbObject):
     ports: tuple[RouterPort, ...] = ()
     routes: tuple[ExtraRoute, ...] = ()
     gateway: ExternalGateway | None = None
+    description: str = Field(default="", max_length=255)
 
     @model_validator(mode="after")
     def _one_port_per_subnet(self) -> Self:
@@ -348,6 +363,7 @@ class FloatingIP(NbObject):
     port_id: str | None = None
     fixed_ip_address: IPAddress | None = None
     router_id: str | None = None
+    description: str = Field(default="", max_length=255)
 
     @model_validator(mode="after")
     def _association(self) -> Self:
@@ -358,7 +374,7 @@ class FloatingIP(NbObject):
 
 class SecurityGroup(NbObject):
     TABLE: ClassVar[str] = "secgroup"
-    description: str = ""
+    description: str = Field(default="", max_length=255)
 
 
 class Direction(StrEnum):
@@ -379,6 +395,7 @@ class SecurityGroupRule(NbObject):
     port_range_max: int | None = Field(default=None, ge=0, le=65535)
     remote_ip_prefix: IPNetwork | None = None
     remote_group_id: str | None = None
+    description: str = Field(default="", max_length=255)
 
     @field_validator("protocol")
     @classmethod

@@ -1,0 +1,1 @@
+"""Ferry's Neutron-compatible northbound API (``ferry api``)."""
