@@ -86,7 +86,7 @@ class ThreadedServer:
             raise ApiServerError(f"the API server did not stop within {timeout}s")
 
     def __enter__(self) -> ThreadedServer:
-        return self.start()
+        return self if self._thread.is_alive() else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

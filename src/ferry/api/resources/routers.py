@@ -40,7 +40,9 @@ INTERFACE_OWNER = "network:router_interface"
 
 
 class GatewayReq(Body):
-    network_id: str = Field(min_length=1, max_length=255)
+    """``{}`` (no network_id) means "no gateway", as in Neutron."""
+
+    network_id: str | None = Field(default=None, min_length=1, max_length=255)
     enable_snat: bool = True
     external_fixed_ips: list[FixedIPReq] | None = Field(default=None, max_length=8)
 
@@ -103,6 +105,7 @@ async def render(nb: Northbound, r: LogicalRouter) -> dict[str, Any]:
 
 async def _gateway_port(nb: Northbound, ctx: Context, router_id: str, topic: str,
                         gw: GatewayReq) -> LogicalPort:
+    assert gw.network_id is not None
     net = await nb.get(LogicalSwitch, gw.network_id)
     if net is None or not net.external:
         raise bad_request(f"Network {gw.network_id} is not a valid external network")
@@ -161,7 +164,7 @@ async def create_router(body: RouterCreateBody, nb: NB, ctx: Ctx) -> dict[str, A
                             "admin_state_up": req.admin_state_up}
     obj = parse(LogicalRouter, data)
     gw = req.external_gateway_info
-    if gw is None:
+    if gw is None or gw.network_id is None:
         obj = await nb.create(obj)
         return {"router": await render(nb, obj)}
     port = await _gateway_port(nb, ctx, router_id, topic, gw)
@@ -195,6 +198,8 @@ async def update_router(router_id: str, body: RouterUpdateBody, nb: NB,
     old_port: str | None = None
     if "external_gateway_info" in req.model_fields_set:
         gw = req.external_gateway_info
+        if gw is not None and gw.network_id is None:
+            gw = None
         same_net = gw is not None and r.gateway is not None and (
             r.gateway.network_id == gw.network_id and gw.external_fixed_ips is None)
         if same_net:
