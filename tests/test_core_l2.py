@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from ferry.core.chassis import ChassisCore, PortBound, PortUnbound, diff_flows
+from ferry.core.migration import ClaimRefused
 from ferry.core.topology import Local, Remote, Vif
 from ferry.model.objects import (
     AddressPair,
@@ -156,7 +157,7 @@ def test_remote_port_moving_between_chassis_updates_a_third(fab: Fabric) -> None
 
 def test_a_vif_for_a_port_bound_elsewhere_is_not_taken(fab: Fabric) -> None:
     core = fab.cores["ch3"]
-    assert core.vif_online(Vif("b1", 30, "tap30")) == []
+    assert core.vif_online(Vif("b1", 30, "tap30")) == [ClaimRefused("b1", "ch3", "ch2")]
     assert core.location("b1") == Remote("ch2", "192.168.254.2")
     to_b1 = ip_from("fa:16:3e:00:00:c1", "10.0.0.31", "fa:16:3e:00:00:b1", "10.0.0.21")
     assert fab.deliveries("ch3", 10, **to_b1) == [("ch2", 10)]

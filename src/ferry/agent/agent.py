@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ferry.agent.flowsync import FlowSync
+from ferry.agent.migrations import MigrationPublisher
 from ferry.agent.subscriptions import Change, Deleted, Resynced, Subscriptions, Updated
-from ferry.core.chassis import ChassisCore, DerivedEvent
+from ferry.core.chassis import ChassisCore, Output, PortBound, PortUnbound
 from ferry.core.topology import Vif
 from ferry.model.northbound import Northbound
-from ferry.model.objects import Chassis
+from ferry.model.objects import Chassis, Migration, MigrationStatus
 from ferry.store.base import GLOBAL, Store
 from ferry.switch.openflow import Switch
 from ferry.switch.ovsdb import ChassisOvsdb, VifOffline, VifOnline
@@ -48,7 +49,8 @@ class AgentConfig:
 
 class ChassisAgent:
     def __init__(self, config: AgentConfig, store: Store,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self.store = store
         self.nb = Northbound(store)
@@ -64,7 +66,11 @@ class ChassisAgent:
         self._tasks: list[asyncio.Task[None]] = []
         self._port_topics: dict[str, str] = {}
         self.ready = asyncio.Event()
-        self.listeners: list[Callable[[DerivedEvent], None]] = []
+        self.listeners: list[Callable[[Output], None]] = []
+        self.migrations = MigrationPublisher(config.chassis, self.nb, wall)
+        self.wall = wall
+        self._intents: asyncio.Queue[Output] = asyncio.Queue()
+        self._ack_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def name(self) -> str:
@@ -80,11 +86,12 @@ class ChassisAgent:
                                             bridge_mappings=cfg.bridge_mappings)
         tunnel_ofport = await self.ovsdb.ensure_integration_bridge(
             f"unix:{cfg.controller_socket}", tunnel_port=cfg.tunnel_port)
-        self._derived(self.core.set_tunnel_ofport(tunnel_ofport))
+        self.core.set_tunnel_ofport(tunnel_ofport)
         await self.subs.subscribe(GLOBAL)
         self._tasks = [
             asyncio.create_task(self.flows.run(), name=f"flows-{self.name}"),
             asyncio.create_task(self._vif_loop(), name=f"vifs-{self.name}"),
+            asyncio.create_task(self._intent_loop(), name=f"intents-{self.name}"),
         ]
         self.flows.mark_dirty()
         await self.flows.wait_synced()
@@ -104,7 +111,7 @@ class ChassisAgent:
         log.info("chassis %s: registered with tunnel IP %s", cfg.chassis, cfg.tunnel_ip)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._ack_tasks]:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.subs.close()
@@ -128,8 +135,8 @@ class ChassisAgent:
             events = self.core.nb_deleted(change.table, change.id)
         elif isinstance(change, Resynced):
             events = self.core.nb_resync(change.objects, {change.topic})
-        self._derived(events)
         self.flows.mark_dirty()
+        self._derived(events)
 
     async def _vif_loop(self) -> None:
         async for event in self.ovsdb.events():
@@ -146,8 +153,8 @@ class ChassisAgent:
                 else:
                     events = self.core.vif_offline(event.iface_id)
             log.info("chassis %s: %s", self.name, event)
-            self._derived(events)
             self.flows.mark_dirty()
+            self._derived(events)
 
     async def _ensure_topic_of(self, port_id: str) -> None:
         """Subscribe to the project of a local VIF's port (waiting for the port to exist)."""
@@ -165,9 +172,29 @@ class ChassisAgent:
         self._port_topics[port_id] = rec.topic
         await self.subs.subscribe(rec.topic)
 
-    def _derived(self, events: list[DerivedEvent]) -> None:
+    def _derived(self, events: list[Output]) -> None:
+        """Log location changes, queue migration intents, time flow acks of migrations."""
         for e in events:
-            log.info("chassis %s: port %s %s %s", self.name, e.port_id,
-                     type(e).__name__, e.location)
+            if isinstance(e, PortBound | PortUnbound):
+                log.info("chassis %s: port %s %s %s", self.name, e.port_id,
+                         type(e).__name__, e.location)
+                m = self.core.topology.get(Migration, e.port_id)
+                if m is not None and m.status is not MigrationStatus.ROLLED_BACK:
+                    generation = self.flows.generation
+                    task = asyncio.create_task(self._record_ack(e.port_id, generation))
+                    self._ack_tasks.add(task)
+                    task.add_done_callback(self._ack_tasks.discard)
+            else:
+                self._intents.put_nowait(e)
             for listener in self.listeners:
                 listener(e)
+
+    async def _intent_loop(self) -> None:
+        while True:
+            intent = await self._intents.get()
+            if not isinstance(intent, PortBound | PortUnbound):
+                await self.migrations.publish(intent)
+
+    async def _record_ack(self, port_id: str, generation: int) -> None:
+        await self.flows.wait_synced(generation)
+        await self.migrations.acked(port_id, self.wall())

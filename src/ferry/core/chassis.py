@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ferry.core import migration
 from ferry.core.apps.base import App, Context
 from ferry.core.apps.l2 import ALL_APPS
+from ferry.core.migration import Intent
 from ferry.core.pipeline import check_flow
 from ferry.core.topology import Local, Location, Remote, Topology, Vif
-from ferry.model.objects import Chassis, LogicalPort, LogicalSwitch, NbObject
+from ferry.model.objects import Chassis, LogicalPort, LogicalSwitch, Migration, NbObject
 from ferry.switch.flow import Flow, FlowError
 
 Owner = tuple[str, str]  # ("static", app) | ("network", id) | ("port", id)
@@ -44,6 +46,8 @@ class PortUnbound:
 
 
 DerivedEvent = PortBound | PortUnbound
+Output = DerivedEvent | Intent
+"""What the core reports: ports (un)bound as seen here, and migration intents to publish."""
 
 
 class ChassisCore:
@@ -64,20 +68,20 @@ class ChassisCore:
 
     # -- inputs ------------------------------------------------------------------------------
 
-    def set_tunnel_ofport(self, ofport: int | None) -> list[DerivedEvent]:
+    def set_tunnel_ofport(self, ofport: int | None) -> list[Output]:
         self.tunnel_ofport = ofport
         return self.recompute_all()
 
-    def nb_updated(self, obj: NbObject) -> list[DerivedEvent]:
+    def nb_updated(self, obj: NbObject) -> list[Output]:
         """A northbound object was created or changed."""
         old = self.topology.put(obj)
         return self._changed(old, obj)
 
-    def nb_deleted(self, table: str, id: str) -> list[DerivedEvent]:
+    def nb_deleted(self, table: str, id: str) -> list[Output]:
         old = self.topology.remove(table, id)
         return self._changed(old, None) if old is not None else []
 
-    def nb_resync(self, objects: Iterable[NbObject], topics: set[str]) -> list[DerivedEvent]:
+    def nb_resync(self, objects: Iterable[NbObject], topics: set[str]) -> list[Output]:
         """Replace every object of ``topics`` by a snapshot (after a compacted watch)."""
         for objs in self.topology.objects.values():
             for id in [i for i, o in objs.items() if o.topic in topics]:
@@ -86,14 +90,18 @@ class ChassisCore:
             self.topology.put(obj)
         return self.recompute_all()
 
-    def vif_online(self, vif: Vif) -> list[DerivedEvent]:
+    def vif_online(self, vif: Vif) -> list[Output]:
         self.topology.vifs[vif.iface_id] = vif
-        return self._refresh_ports([vif.iface_id])
+        out = self._refresh_ports([vif.iface_id])
+        port = self.topology.get(LogicalPort, vif.iface_id)
+        return out + (migration.on_vif_online(self.topology, port) if port else [])
 
-    def vif_offline(self, iface_id: str) -> list[DerivedEvent]:
+    def vif_offline(self, iface_id: str) -> list[Output]:
         if self.topology.vifs.pop(iface_id, None) is None:
             return []
-        return self._refresh_ports([iface_id])
+        out = self._refresh_ports([iface_id])
+        port = self.topology.get(LogicalPort, iface_id)
+        return out + (migration.on_vif_offline(self.topology, port) if port else [])
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -114,7 +122,7 @@ class ChassisCore:
 
     # -- computation -------------------------------------------------------------------------
 
-    def recompute_all(self) -> list[DerivedEvent]:
+    def recompute_all(self) -> list[Output]:
         topo = self.topology
         owners: set[Owner] = {("static", a.name) for a in self.apps}
         owners |= {("network", n) for n in topo.table(LogicalSwitch)}
@@ -125,15 +133,21 @@ class ChassisCore:
             self._compute(owner)
         return events
 
-    def _changed(self, old: NbObject | None, new: NbObject | None) -> list[DerivedEvent]:
+    def _changed(self, old: NbObject | None, new: NbObject | None) -> list[Output]:
         obj = new if new is not None else old
         topo = self.topology
-        if isinstance(obj, LogicalPort):
+        if isinstance(obj, LogicalPort | Migration):
+            port_id = obj.id if isinstance(obj, LogicalPort) else obj.port_id
             nets = {o.network_id for o in (old, new) if isinstance(o, LogicalPort)}
-            events = self._relocate([obj.id])
-            self._compute(("port", obj.id))
+            port = topo.get(LogicalPort, port_id)
+            if port is not None:
+                nets.add(port.network_id)
+            events = self._relocate([port_id])
+            self._compute(("port", port_id))
             for net in nets:
                 self._compute(("network", net))
+            if port is not None:
+                events += migration.on_port_changed(topo, port)
             return events
         if isinstance(obj, LogicalSwitch):
             self._compute(("network", obj.id))
@@ -146,7 +160,7 @@ class ChassisCore:
                 [p.id for p in topo.table(LogicalPort).values() if p.host == obj.id])
         return []
 
-    def _refresh_ports(self, port_ids: list[str]) -> list[DerivedEvent]:
+    def _refresh_ports(self, port_ids: list[str]) -> list[Output]:
         """Relocate ports and recompute them and their networks."""
         events = self._relocate(port_ids)
         nets: set[str] = set()
@@ -159,8 +173,8 @@ class ChassisCore:
             self._compute(("network", net))
         return events
 
-    def _relocate(self, port_ids: Iterable[str]) -> list[DerivedEvent]:
-        events: list[DerivedEvent] = []
+    def _relocate(self, port_ids: Iterable[str]) -> list[Output]:
+        events: list[Output] = []
         for pid in dict.fromkeys(port_ids):
             port = self.topology.get(LogicalPort, pid)
             new = self.topology.locate(port) if port is not None else None

@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ferry.model.objects import Chassis, LogicalPort, LogicalSwitch, NbObject
+from ferry.model.objects import (
+    Chassis,
+    LogicalPort,
+    LogicalSwitch,
+    Migration,
+    MigrationStatus,
+    NbObject,
+)
 
 T = TypeVar("T", bound=NbObject)
 
@@ -76,7 +83,7 @@ class Topology:
         chassis) is nowhere. A VIF plugged here for a port bound elsewhere does not make the
         port local: no chassis takes a port it was not given.
         """
-        host = port.host
+        host = self.effective_host(port)
         if host is None or not port.admin_state_up:
             return None
         if host == self.chassis:
@@ -84,6 +91,29 @@ class Topology:
             return Local(vif.ofport) if vif is not None else None
         ch = self.get(Chassis, host)
         return Remote(ch.id, str(ch.tunnel_ip)) if ch is not None else None
+
+    def active_migration(self, port: LogicalPort) -> Migration | None:
+        """The port's migration in progress, if it is a valid one.
+
+        Valid: it moves the port away from its current binding host, to a chassis the API
+        authorized (a binding for it, or binding:profile migrating_to). A record that fails
+        this, whoever wrote it, is ignored: no chassis takes a port it was not given.
+        """
+        m = self.get(Migration, port.id)
+        if m is None or m.status not in (MigrationStatus.PLUGGED,
+                                         MigrationStatus.SOURCE_UNPLUGGED):
+            return None
+        if m.source_chassis != port.host or not authorized(port, m.dest_chassis):
+            return None
+        return m
+
+    def effective_host(self, port: LogicalPort) -> str | None:
+        """Where the port's traffic goes: its binding host, or the migration's destination
+        once the source reported the VIF gone (the spec's step 2)."""
+        m = self.active_migration(port)
+        if m is not None and m.status is MigrationStatus.SOURCE_UNPLUGGED:
+            return m.dest_chassis
+        return port.host
 
     def network(self, port: LogicalPort) -> LogicalSwitch | None:
         return self.get(LogicalSwitch, port.network_id)
@@ -104,3 +134,11 @@ class Topology:
             if isinstance(loc, Local):
                 out.append(loc.ofport)
         return sorted(out)
+
+
+def authorized(port: LogicalPort, chassis: str) -> bool:
+    """Has the API given ``chassis`` this port (a binding for it, or migrating_to it)?"""
+    if port.binding_for(chassis) is not None:
+        return True
+    active = port.active_binding
+    return active is not None and active.profile.get("migrating_to") == chassis

@@ -156,6 +156,8 @@ class Northbound:
                 raise NotFound(cls.TABLE, id)
             changed = change(current)
             new = changed if isinstance(changed, NbObject) else await changed
+            if new == current:
+                return current  # nothing to change: no write, no event
             try:
                 return await self.update(new)
             except Conflict:

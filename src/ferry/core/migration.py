@@ -1,0 +1,113 @@
+"""What a chassis must say about a migrating port: the spec's three steps, made correct.
+
+Pure decisions from the local view; the agent writes them to the store as the port's
+``Migration`` record. Forwarding never depends on who wrote what in which order: every chassis
+derives a port's location from its binding plus a *valid* migration record
+(``Topology.effective_host``), so a lost, duplicated or late step-2 event cannot leave two
+chassis disagreeing once step 3 (the binding moved) has arrived.
+
+1. Destination: a VIF for a port bound to another chassis appears here. If the API gave this
+   chassis the port (a binding for it or ``migrating_to`` it) → ``Claim``; else
+   ``ClaimRefused`` (logged, nothing else happens).
+2. Source: the port's VIF goes away here while a claim is pending → ``SourceGone``; every
+   chassis then forwards to the destination.
+3. Destination: the binding now names this chassis → ``Complete``.
+A destination whose VIF goes away before the source's, or that lost its authorization,
+``Abandon``s: the source kept the port all along.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ferry.core.topology import Topology, authorized
+from ferry.model.objects import LogicalPort, Migration, MigrationStatus
+
+
+@dataclass(frozen=True)
+class Claim:
+    port_id: str
+    source: str
+    dest: str
+
+
+@dataclass(frozen=True)
+class ClaimRefused:
+    port_id: str
+    chassis: str
+    bound_to: str | None
+
+
+@dataclass(frozen=True)
+class SourceGone:
+    port_id: str
+    source: str
+    dest: str
+
+
+@dataclass(frozen=True)
+class Complete:
+    port_id: str
+    dest: str
+
+
+@dataclass(frozen=True)
+class Abandon:
+    port_id: str
+    dest: str
+    reason: str
+
+
+Intent = Claim | ClaimRefused | SourceGone | Complete | Abandon
+
+ACTIVE = (MigrationStatus.PLUGGED, MigrationStatus.SOURCE_UNPLUGGED)
+
+
+def _record(topo: Topology, port_id: str) -> Migration | None:
+    m = topo.get(Migration, port_id)
+    return m if m is not None and m.status in ACTIVE else None
+
+
+def on_vif_online(topo: Topology, port: LogicalPort) -> list[Intent]:
+    me = topo.chassis
+    host = port.host
+    if host is None or host == me:
+        return _level(topo, port)
+    if not authorized(port, me):
+        return [ClaimRefused(port.id, me, host)]
+    return _level(topo, port)
+
+
+def on_vif_offline(topo: Topology, port: LogicalPort) -> list[Intent]:
+    me = topo.chassis
+    m = _record(topo, port.id)
+    if m is None:
+        return []
+    if m.source_chassis == me and port.host == me and m.status is MigrationStatus.PLUGGED:
+        return [SourceGone(port.id, me, m.dest_chassis)]
+    if m.dest_chassis == me and m.status is MigrationStatus.PLUGGED and port.host != me:
+        return [Abandon(port.id, me, "the destination VIF went away before the source's")]
+    return []
+
+
+def on_port_changed(topo: Topology, port: LogicalPort) -> list[Intent]:
+    return _level(topo, port)
+
+
+def _level(topo: Topology, port: LogicalPort) -> list[Intent]:
+    """Decisions that depend only on the current state (safe to repeat)."""
+    me, host = topo.chassis, port.host
+    here = port.id in topo.vifs
+    m = _record(topo, port.id)
+    if m is not None and m.dest_chassis == me:
+        if host == me:
+            return [Complete(port.id, me)]
+        if m.source_chassis == host and not authorized(port, me):
+            return [Abandon(port.id, me, "the port's binding for this chassis was removed")]
+        if m.source_chassis != host:
+            return [Abandon(port.id, me, f"the port is now bound to {host}")]
+        return []
+    claimable = here and host is not None and host != me and authorized(port, me)
+    if claimable and host is not None and (m is None or m.source_chassis != host):
+        return [Claim(port.id, host, me)]
+    return []
