@@ -37,16 +37,18 @@ Failures and retries
 
 Watches
 -------
-One gRPC watch stream per key range: a topic's (or topic/table's) prefix when the filter names
-topics, so a chassis receives only its projects' records from etcd, else all of ``PREFIX/o/``.
-Each stream delivers its events in revision order; several streams are merged as they arrive,
-so events of different topics may interleave out of global revision order (a record's events
-always come in order: it lives in one topic). Each stream remembers the last revision it
-delivered; after any disconnect it reconnects by itself and resumes at that revision + 1,
-so nothing is lost or duplicated. If that revision was compacted meanwhile, the iterator raises
-``Compacted``: resync from ``snapshot()``. By default a watch never gives up while etcd is down
-(a controller should ride out an etcd restart); ``watch_timeout`` makes it raise
-``StoreUnavailable`` after that many seconds without a working stream.
+A watch is ONE etcd watch stream, so its events come in global revision order (the contract).
+Its key range is chosen server-side as narrowly as one range allows: ``PREFIX/o/<topic>/<table>/``
+for one topic and one table, ``PREFIX/o/<topic>/`` for one topic, so a chassis watching one
+project receives only that project's records from etcd; with several topics (or none) it is all
+of ``PREFIX/o/`` and the filter is applied here. (Per-topic streams merged client-side cannot
+be put back in global order on etcd 3.4.23: progress requests, the only fence, race the events
+there, etcd#15220.) The stream remembers the last revision it delivered; after any disconnect it
+reconnects by itself and resumes at that revision + 1, so nothing is lost or duplicated. If that
+revision was compacted meanwhile, the iterator raises ``Compacted``: resync from
+``snapshot()``. By default a watch never gives up while etcd is down (a controller should ride
+out an etcd restart); ``watch_timeout`` makes it raise ``StoreUnavailable`` after that many
+seconds without a working stream.
 
 Multiple endpoints are handed to gRPC's ``pick_first`` balancer: it uses the first endpoint that
 accepts a connection and moves on to the next one when that connection fails. Host names are
@@ -70,6 +72,7 @@ import grpc
 from aetcd import rpc
 
 from ferry.store.base import (
+    EVERYTHING,
     AlreadyExists,
     ClaimTaken,
     Compacted,
@@ -99,7 +102,6 @@ _PAGE = 1000  # keys per range request; big ranges are paged at one revision
 _CACHE_SIZE = 4096  # records remembered for update/delete without a read, and topics for get
 _MAX_TOPIC_RANGES = 64  # list() without topic: above this many topics, scan all objects
 _WATCH_QUEUE = 1024  # events buffered per watch; a slow consumer slows its streams down
-_ALL = WatchFilter()
 _CREATE_RETRIES = 5  # a create/update compare failing for a reason gone when we look: re-run
 
 
@@ -415,7 +417,7 @@ class EtcdStore(Store):
         resp = await self._range("revision", self._key(""), keys_only=True, limit=1)
         return int(resp.header.revision)
 
-    async def snapshot(self, flt: WatchFilter = _ALL) -> Snapshot:
+    async def snapshot(self, flt: WatchFilter = EVERYTHING) -> Snapshot:
         revision = await self.revision()
         kvs = await self._range_prefixes(self._filter_prefixes(flt), revision)
         recs = [r for r in map(self._record, kvs) if flt.admits(r)]
@@ -566,10 +568,10 @@ class EtcdStore(Store):
     # -- watch -------------------------------------------------------------------------------
 
     async def watch(
-        self, flt: WatchFilter = _ALL, *, from_revision: int
+        self, flt: WatchFilter = EVERYTHING, *, from_revision: int
     ) -> AsyncIterator[WatchEvent]:
         _, stub = self._stubs()
-        merged = _MergedWatch(self, stub, self._filter_prefixes(flt), from_revision)
+        merged = _MergedWatch(self, stub, [self._watch_prefix(flt)], from_revision)
         self._watches.add(merged)
         try:
             async for event in merged:
@@ -578,6 +580,16 @@ class EtcdStore(Store):
         finally:
             self._watches.discard(merged)
             await merged.stop()
+
+    def _watch_prefix(self, flt: WatchFilter) -> bytes:
+        """The one key range a watch follows: as narrow as a single range can be."""
+        if flt.topics is not None and len(flt.topics) == 1:
+            (topic,) = flt.topics
+            if flt.tables is not None and len(flt.tables) == 1:
+                (table,) = flt.tables
+                return self._key("o", topic, table, "")
+            return self._key("o", topic, "")
+        return self._key("o", "")
 
     def _event(self, ev: Any) -> WatchEvent:
         kv, prev = ev.kv, (ev.prev_kv if ev.HasField("prev_kv") else None)
@@ -618,7 +630,7 @@ class EtcdStore(Store):
 
 
 class _MergedWatch:
-    """The streams of one ``watch()`` call, merged into one queue of events."""
+    """The stream(s) of one ``watch()`` call feeding one queue of events (in arrival order)."""
 
     def __init__(
         self, store: EtcdStore, stub: Any, prefixes: Sequence[bytes], from_revision: int
