@@ -17,8 +17,12 @@ def version() -> None:
 
 def _register() -> None:
     from ferry.agent.cli import controller_command
+    from ferry.api.cli import api_command
+    from ferry.lab.cli import app as lab_app
 
     app.command("controller")(controller_command)
+    app.command("api")(api_command)
+    app.add_typer(lab_app, name="lab")
 
 
 _register()

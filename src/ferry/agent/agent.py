@@ -12,18 +12,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ferry.agent.flowsync import FlowSync
 from ferry.agent.migrations import MigrationPublisher
 from ferry.agent.subscriptions import Change, Deleted, Resynced, Subscriptions, Updated
 from ferry.core.chassis import ChassisCore, Output, PortBound, PortUnbound
-from ferry.core.topology import Vif
-from ferry.model.northbound import Northbound
-from ferry.model.objects import Chassis, Migration, MigrationStatus
-from ferry.store.base import GLOBAL, Store
+from ferry.core.topology import Local, Vif
+from ferry.model.northbound import InvalidObject, Northbound
+from ferry.model.objects import Chassis, LogicalPort, Migration, MigrationStatus
+from ferry.store.base import GLOBAL, Store, StoreError
 from ferry.switch.openflow import Switch
 from ferry.switch.ovsdb import ChassisOvsdb, VifOffline, VifOnline
 
@@ -119,6 +120,10 @@ class ChassisAgent:
             await self.ovsdb.close()
         await self.switch.close()
 
+    async def wait(self) -> None:
+        """Until the agent's tasks end (they end only by failing or being cancelled)."""
+        await asyncio.gather(*self._tasks)
+
     async def run_forever(self) -> None:
         await self.start()
         try:
@@ -180,10 +185,10 @@ class ChassisAgent:
                          type(e).__name__, e.location)
                 m = self.core.topology.get(Migration, e.port_id)
                 if m is not None and m.status is not MigrationStatus.ROLLED_BACK:
-                    generation = self.flows.generation
-                    task = asyncio.create_task(self._record_ack(e.port_id, generation))
-                    self._ack_tasks.add(task)
-                    task.add_done_callback(self._ack_tasks.discard)
+                    self._after_ack(self._record_ack(e.port_id))
+                if isinstance(e.location, Local):
+                    up = isinstance(e, PortBound)
+                    self._after_ack(self._set_status(e.port_id, up))
             else:
                 self._intents.put_nowait(e)
             for listener in self.listeners:
@@ -195,6 +200,32 @@ class ChassisAgent:
             if not isinstance(intent, PortBound | PortUnbound):
                 await self.migrations.publish(intent)
 
-    async def _record_ack(self, port_id: str, generation: int) -> None:
-        await self.flows.wait_synced(generation)
+    def _after_ack(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` once the flows of everything seen so far are acked by the switch."""
+        generation = self.flows.generation
+
+        async def run() -> None:
+            await self.flows.wait_synced(generation)
+            await work
+
+        task = asyncio.create_task(run())
+        self._ack_tasks.add(task)
+        task.add_done_callback(self._ack_tasks.discard)
+
+    async def _record_ack(self, port_id: str) -> None:
         await self.migrations.acked(port_id, self.wall())
+
+    async def _set_status(self, port_id: str, up: bool) -> None:
+        """Port status ACTIVE once its local flows are installed (what Nova waits for);
+        DOWN when its VIF is gone from the chassis it is bound to."""
+        def change(p: LogicalPort) -> LogicalPort:
+            if up and self.core.location(port_id) is None:
+                return p
+            if not up and (p.host != self.name or self.core.location(port_id) is not None):
+                return p  # bound elsewhere, or moved on (a migration's source): not ours
+            return p.model_copy(update={"status": "ACTIVE" if up else "DOWN"})
+
+        try:
+            await self.nb.modify(LogicalPort, port_id, change)
+        except (StoreError, InvalidObject) as e:
+            log.warning("chassis %s: port %s: could not set status: %s", self.name, port_id, e)

@@ -44,6 +44,7 @@ from ferry.lab.state import (
     ChassisState,
     LabState,
     ProcRecord,
+    ServiceRecord,
     VifState,
     VmState,
     list_prefixes,
@@ -296,6 +297,19 @@ class Lab:
             write_state(st)  # recorded before it exists
             self._build_chassis(ch)
             write_state(st)
+        self._warm_underlay()
+
+    def _warm_underlay(self) -> None:
+        """Resolve every chassis' underlay neighbours now. OVS's userspace tunnelling learns
+        them by snooping ARP on br-phy; unresolved, the first tunnelled packet waits ~1 s."""
+        procs = [
+            subprocess.Popen(["ip", "netns", "exec", ch.netns, "ping", "-c1", "-W2", "-q",
+                              other.tunnel_ip], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+            for ch in self.state.chassis for other in self.state.chassis if other is not ch
+        ]
+        for p in procs:
+            p.wait()
 
     def _build_chassis(self, ch: ChassisState) -> None:
         nx.netns_add(ch.netns)
@@ -389,6 +403,12 @@ class Lab:
             "underlay": {"bridge": st.underlay_bridge, "cidr": st.underlay_cidr,
                          "exists": nx.link_exists(None, st.underlay_bridge)},
             "chassis": chassis, "vms": vms,
+            "services": {
+                name: {"url": svc.url, "pid": svc.proc.pid if svc.proc else None,
+                       "alive": nx.pid_alive(svc.proc.pid, svc.proc.starttime)
+                       if svc.proc else None}
+                for name, svc in st.services.items()
+            },
         }
 
     def set_controller_pid(self, chassis: str | int, pid: int | None) -> None:
@@ -405,6 +425,20 @@ class Lab:
             if start is None:
                 raise LabError(f"no process {pid}")
             ch.controller = ProcRecord(pid, start)
+
+    def set_service(self, name: str, url: str | None, pid: int | None) -> None:
+        """Record a service of the lab (store, API...); :meth:`destroy` stops it by PID."""
+        with self._txn():
+            proc = None
+            if pid is not None:
+                start = nx.pid_starttime(pid)
+                if start is None:
+                    raise LabError(f"no process {pid}")
+                proc = ProcRecord(pid, start)
+            self.state.services[name] = ServiceRecord(url, proc)
+
+    def service(self, name: str) -> ServiceRecord | None:
+        return self.state.services.get(name)
 
     # -- running things ---------------------------------------------------------------------
 
@@ -632,6 +666,9 @@ class Lab:
             if self.state_file.exists():
                 report.step("mark state file", lambda: write_state(st))
             procs: dict[int, int | None] = {}
+            for svc in st.services.values():
+                if svc.proc is not None:
+                    procs[svc.proc.pid] = svc.proc.starttime
             for ch in st.chassis:
                 for rec in [*ch.ovs_pids.values(), *([ch.controller] if ch.controller else [])]:
                     procs[rec.pid] = rec.starttime

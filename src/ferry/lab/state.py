@@ -31,6 +31,14 @@ class ProcRecord:
 
 
 @dataclass
+class ServiceRecord:
+    """A service the lab runs besides the chassis: the store, the API, the lab server."""
+
+    url: str | None = None
+    proc: ProcRecord | None = None
+
+
+@dataclass
 class ChassisState:
     name: str  # logical chassis name, e.g. "chassis-1" (also OVS external_ids:system-id)
     index: int  # 1-based
@@ -103,6 +111,7 @@ class LabState:
     chassis: list[ChassisState] = field(default_factory=list)
     vms: list[VmState] = field(default_factory=list)
     extra_links: list[str] = field(default_factory=list)  # root-namespace links we made
+    services: dict[str, ServiceRecord] = field(default_factory=dict)
     version: int = STATE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,8 +124,13 @@ class LabState:
             VmState(**{**v, "vifs": [VifState(**x) for x in v.get("vifs", [])]})
             for v in data.get("vms", [])
         ]
-        plain = {k: v for k, v in data.items() if k not in ("chassis", "vms")}
-        return cls(**plain, chassis=chassis, vms=vms)
+        services = {
+            name: ServiceRecord(url=svc.get("url"),
+                                proc=ProcRecord(**svc["proc"]) if svc.get("proc") else None)
+            for name, svc in data.get("services", {}).items()
+        }
+        plain = {k: v for k, v in data.items() if k not in ("chassis", "vms", "services")}
+        return cls(**plain, chassis=chassis, vms=vms, services=services)
 
 
 def _chassis_from_dict(data: dict[str, Any]) -> ChassisState:

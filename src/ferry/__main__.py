@@ -1,0 +1,3 @@
+from ferry.cli import app
+
+app(prog_name="ferry")
