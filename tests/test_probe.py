@@ -1,0 +1,339 @@
+"""The migration probe: report arithmetic on synthetic records, the plot, and real runs in a
+two-chassis lab with hand-written flows (steady state, a link outage, a move between chassis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from ferry.lab.lab import Lab, destroy_leftovers, leftovers
+from ferry.lab.netns import wait_for
+from ferry.probe.plot import plot_timeline
+from ferry.probe.records import ClientData, ProbeData, load
+from ferry.probe.report import build_report
+from ferry.probe.runner import Probe, link_flap, now_ns
+
+MS = 1_000_000
+BASE = 1_000_000_000_000  # an arbitrary CLOCK_MONOTONIC origin
+
+
+# -- synthetic records ---------------------------------------------------------------------------
+
+def synthetic(n: int = 1000, name: str = "a", probe_id: int = 1, latency: int = 100_000,
+              drop: range | set[int] = range(0), rate_hz: float = 1000.0) -> ClientData:
+    """``n`` packets at ``rate_hz`` from BASE, each delivered ``latency`` ns later unless
+    dropped."""
+    period = int(1e9 / rate_hz)
+    cd = ClientData(name=name, probe_id=probe_id)
+    for seq in range(n):
+        t = BASE + seq * period
+        cd.sent.append((seq, t, 0))
+        if seq not in drop:
+            cd.delivered.append((seq, t, t + latency))
+            cd.echoed.append((seq, t, t + 2 * latency))
+    return cd
+
+
+def data_of(*clients: ClientData) -> ProbeData:
+    return ProbeData(target="t", rate_hz=1000.0, clients=list(clients))
+
+
+def t_of(seq: int) -> int:
+    return BASE + seq * MS
+
+
+def test_report_clean_run() -> None:
+    r = build_report(data_of(synthetic()))
+    c = r.clients[0]
+    assert (c.sent, c.delivered, c.echoed, c.lost, c.duplicated, c.reordered) == (
+        1000, 1000, 1000, 0, 0, 0)
+    assert c.achieved_rate_hz == pytest.approx(1000.0)
+    assert c.latency_p50_us == pytest.approx(100.0) and c.jitter_us == 0.0
+    assert c.downtime_ms == pytest.approx(1.0)  # the probe interval
+    assert c.downtime_beyond_pause_ms is None
+    assert r.total.sent == 1000
+
+
+def test_packet_delivered_twice_counts_once_delivered_once_duplicate() -> None:
+    cd = synthetic(100)
+    seq, t_send, t_rx = cd.delivered[5]
+    cd.delivered.append((seq, t_send, t_rx + 30 * MS))  # the same packet again, 30 ms later
+    c = build_report(data_of(cd)).clients[0]
+    assert c.delivered == 100 and c.duplicated == 1
+    assert c.lost == 0 and c.reordered == 0  # the late copy is no reordering
+    assert c.downtime_ms == pytest.approx(1.0)  # nor does it change delivery gaps
+
+
+def test_duplicate_arriving_first_out_of_order() -> None:
+    # seq 7's copies: one at its time, one earlier than seq 6 (counted: first = the earlier)
+    cd = synthetic(20)
+    cd.delivered.append((7, t_of(7), t_of(6) - 1))
+    c = build_report(data_of(cd)).clients[0]
+    assert (c.delivered, c.duplicated, c.reordered, c.lost) == (20, 1, 1, 0)
+
+
+def test_reordering() -> None:
+    cd = synthetic(100)
+    d = cd.delivered
+    d[10], d[11] = (10, t_of(10), t_of(11) + 200_000), (11, t_of(11), t_of(11) + 100_000)
+    d[20] = (20, t_of(20), t_of(25) + 500_000)  # overtaken by 21..25
+    c = build_report(data_of(cd)).clients[0]
+    assert c.reordered == 2 and c.duplicated == 0 and c.lost == 0 and c.delivered == 100
+
+
+def test_loss_and_downtime_around_a_pause() -> None:
+    cd = synthetic(1000, drop=range(300, 400))  # 100 ms without delivery
+    pause = (t_of(300), t_of(400))
+    r = build_report(data_of(cd), pause=pause)
+    c = r.clients[0]
+    assert c.lost == 100 and c.delivered == 900 and c.echoed == 900
+    assert c.downtime is not None and c.downtime.recovered and c.downtime.lost == 100
+    # from the delivery of 299 to the delivery of 400
+    assert c.downtime_ms == pytest.approx(101.0)
+    assert c.downtime_beyond_pause_ms == pytest.approx(1.0)
+    assert r.pause_ms == pytest.approx(100.0) and r.downtime_ms == pytest.approx(101.0)
+
+
+def test_downtime_looks_only_around_the_pause() -> None:
+    cd = synthetic(3000, drop=set(range(100, 300)) | set(range(2000, 2050)))
+    r = build_report(data_of(cd), pause=(t_of(2000), t_of(2050)), around_ms=500)
+    assert r.clients[0].downtime_ms == pytest.approx(51.0)
+    assert r.clients[0].lost == 250
+    assert build_report(data_of(cd)).clients[0].downtime_ms == pytest.approx(201.0)
+
+
+def test_no_recovery() -> None:
+    cd = synthetic(1000, drop=range(900, 1000))
+    c = build_report(data_of(cd), pause=(t_of(900), t_of(950))).clients[0]
+    assert c.downtime is not None and not c.downtime.recovered
+    assert c.downtime.lost == 100  # sent in [delivery of 899, last send]
+    assert c.lost == 100
+    assert "no recovery" in build_report(data_of(cd), pause=(t_of(900), t_of(950))).to_text()
+
+
+def test_total_adds_counts_and_takes_the_worst_downtime() -> None:
+    a = synthetic(1000, "a", 1, drop=range(500, 550))
+    b = synthetic(1000, "b", 2, drop=range(500, 580))
+    r = build_report(data_of(a, b), pause=(t_of(500), t_of(550)))
+    assert r.total.sent == 2000 and r.total.lost == 130
+    assert r.total.downtime_ms == pytest.approx(81.0)
+    assert r.total.downtime_beyond_pause_ms == pytest.approx(31.0)
+    d = r.to_dict()
+    assert d["total"]["lost"] == 130 and d["clients"][1]["name"] == "b"
+    assert d["total"]["downtime"]["recovered"] is True
+    text = r.to_text()
+    assert "total" in text and "81.00" in text
+
+
+def test_plot_is_a_png(tmp_path: Path) -> None:
+    a = synthetic(600, "a", 1, drop=range(200, 300))
+    a.delivered.append((150, t_of(150), t_of(170)))  # a duplicate
+    a.delivered[50] = (50, t_of(50), t_of(53))  # late
+    b = synthetic(600, "b", 2, latency=300_000, drop=range(200, 320))
+    out = plot_timeline(data_of(a, b), tmp_path / "timeline.png", pause=(t_of(200), t_of(300)))
+    raw = out.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 10_000
+    with pytest.raises(ValueError, match="no clients"):
+        plot_timeline(data_of(), tmp_path / "empty.png")
+
+
+# -- the agents on loopback (no lab needed) -------------------------------------------------------
+
+def agent(out: Path, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "ferry.probe.agent", *args, "--out", str(out),
+                             "--bind", "127.0.0.1", "--port", "47999"])
+
+
+def test_agents_stop_by_themselves_and_on_sigterm(tmp_path: Path) -> None:
+    echo = agent(tmp_path, "echo", "--duration", "30", "--vm", "t")
+    try:
+        wait_for(lambda: (tmp_path / "echo.json").exists(), timeout=10, what="echo ready")
+        client = agent(tmp_path, "client", "--duration", "0.3", "--id", "1", "--rate", "500",
+                       "--target", "127.0.0.1", "--vm", "a", "--rt-prio", "0")
+        assert client.wait(timeout=10) == 0  # bounded duration
+        echo.send_signal(signal.SIGTERM)
+        assert echo.wait(timeout=5) == 0
+    finally:
+        for proc in (echo,):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    meta = json.loads((tmp_path / "client-1.json").read_text())
+    assert meta["state"] == "done" and 140 <= meta["sent"] <= 160
+    assert json.loads((tmp_path / "echo.json").read_text())["received"] == meta["sent"]
+    r = build_report(load(tmp_path))
+    assert r.clients[0].delivered == r.clients[0].echoed == meta["sent"]
+    assert r.clients[0].latency_p50_us > 0  # kernel receive times map onto the send clock
+
+
+# -- lab runs -----------------------------------------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def lab_test(fn: F) -> F:
+    for mark in (
+        pytest.mark.lab,
+        pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+        pytest.mark.skipif(not all(shutil.which(t) for t in ("ovs-vswitchd", "ethtool", "ping")),
+                           reason="needs openvswitch-switch, ethtool and iputils-ping"),
+    ):
+        fn = mark(fn)
+    return fn
+
+VNI = 0x65
+MAC = {"a": "02:00:00:00:01:01", "b": "02:00:00:00:01:02", "t": "02:00:00:00:01:0a"}
+IP = {"a": "10.0.1.1", "b": "10.0.1.2", "t": "10.0.1.10"}
+BCAST = "ff:ff:ff:ff:ff:ff"
+
+
+@pytest.fixture
+def lab2() -> Iterator[Lab]:
+    base = Path(tempfile.mkdtemp(prefix="ferry-probe-", dir="/tmp"))
+    lab = Lab.create(2, base_dir=base)
+    try:
+        for n in (1, 2):
+            lab.add_geneve_port(n)
+        yield lab
+    finally:
+        report = destroy_leftovers(lab.prefix, base)
+        shutil.rmtree(base, ignore_errors=True)
+        assert report.ok, report.errors
+        assert leftovers(lab.prefix, base) == []
+
+
+def l2_flows(lab: Lab, placement: dict[str, int]) -> None:
+    """Hand-written L2 flows, as a controller would write them: unicast by destination MAC to
+    the VM's chassis in ``placement`` (local port or Geneve), broadcast to every local VIF and
+    the other chassis. Same matches every time, so a rewrite replaces the previous actions."""
+    for n in (1, 2):
+        ch = lab.chassis(n)
+        geneve = lab.ofport(n, "geneve0")
+        tunnel = (f"set_field:{lab.chassis(3 - n).tunnel_ip}->tun_dst,"
+                  f"set_field:{VNI:#x}->tun_id,output:{geneve}")
+        local = [lab.ofport(n, vif.host_if) for vm in lab.state.vms for vif in vm.vifs
+                 if vif.chassis == ch.name]
+        outs = [f"output:{p}" for p in local]
+        flows = [f"priority=90,in_port={geneve},dl_dst={BCAST},actions={','.join(outs) or 'drop'}",
+                 f"priority=80,dl_dst={BCAST},actions={','.join([*outs, tunnel])}"]
+        for vm in lab.state.vms:
+            where = placement[vm.name]
+            vif = vm.vif(lab.chassis(where).name)
+            assert vif is not None
+            action = f"output:{lab.ofport(n, vif.host_if)}" if where == n else tunnel
+            flows.append(f"priority=100,dl_dst={vm.mac},actions={action}")
+        lab.add_flows(n, flows)
+
+
+def setup_vms(lab: Lab, placement: dict[str, int]) -> None:
+    for vm, n in placement.items():
+        lab.add_vm(vm, n, MAC[vm], f"{IP[vm]}/24", f"port-{vm}")
+    l2_flows(lab, placement)
+    for vm in placement:  # warm up ARP (VMs and the underlay): no loss at probe start
+        if vm != "t":
+            wait_for(partial(pings, lab, vm, IP["t"]), timeout=10, what=f"ping {vm} -> t")
+
+
+def pings(lab: Lab, vm: str, ip: str) -> bool:
+    return lab.exec_in_vm(vm, ["ping", "-c1", "-W1", ip]).returncode == 0
+
+
+@lab_test
+def test_steady_state(lab2: Lab, tmp_path: Path) -> None:
+    rate = 1000.0
+    setup_vms(lab2, {"a": 1, "t": 2})
+    probe = Probe(lab2, "t", ["a"], rate_hz=rate, out_dir=tmp_path / "run")
+    with probe:
+        pids = probe.pids
+        start = now_ns()
+        probe.wait_delivered(int(rate), since_ns=start, timeout=5)
+    assert not probe.running
+    data = probe.data()
+    # `ip netns exec` execs the agent: the PIDs we signal are the agents'
+    assert data.echo_meta["pid"] == pids["echo"]
+    assert data.clients[0].meta["pid"] == pids["client-1"]
+    assert data.echo_meta["state"] == "done" and data.clients[0].meta["state"] == "done"
+    r = probe.report()
+    c = r.clients[0]
+    print("\n" + r.to_text())
+    assert c.sent >= rate and c.delivered == c.sent and c.echoed == c.sent
+    assert (c.lost, c.duplicated, c.reordered, c.send_errors) == (0, 0, 0, 0)
+    assert c.achieved_rate_hz == pytest.approx(rate, rel=0.03)
+    assert c.downtime_ms is not None and c.downtime_ms < 20
+
+
+@lab_test
+async def test_link_outage_of_100ms(lab2: Lab, tmp_path: Path) -> None:
+    """Also the asyncio API: the event loop keeps running while the probe starts and stops."""
+    await asyncio.to_thread(setup_vms, lab2, {"a": 1, "t": 2})
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    t_start = now_ns()
+    async with Probe(lab2, "t", ["a"], out_dir=tmp_path / "run") as probe:
+        await probe.await_delivered(200, since_ns=now_ns())
+        pause = await asyncio.to_thread(link_flap, lab2, "t", 100)
+        await probe.await_delivered(200, since_ns=pause[1])
+    task.cancel()
+    assert ticks >= (now_ns() - t_start) / 1e9 / 0.01 * 0.5  # the loop was never blocked long
+    r = probe.report(pause=pause)
+    probe.plot(tmp_path / "outage.png", pause=pause, xlim_ms=(-50, 150))
+    print("\n" + r.to_text())
+    c = r.clients[0]
+    assert c.downtime is not None and c.downtime.recovered
+    assert c.downtime_ms is not None and c.downtime_beyond_pause_ms is not None
+    assert 95 <= c.downtime_ms <= 110
+    assert 90 <= c.lost <= 110 and c.lost == c.downtime.lost
+    assert -3 <= c.downtime_beyond_pause_ms <= 5
+    assert c.duplicated == 0 and c.reordered == 0
+
+
+@lab_test
+def test_target_moves_between_chassis(lab2: Lab, tmp_path: Path) -> None:
+    """The target moves from chassis 1 to chassis 2 (a client on each); flows rewritten by
+    hand during the pause. The echo, bound to the address, keeps receiving on eth1."""
+    setup_vms(lab2, {"a": 1, "b": 2, "t": 1})
+    with Probe(lab2, "t", ["a", "b"], out_dir=tmp_path / "run") as probe:
+        new = lab2.plug_vif("t", "chassis-2", link_up=False)
+        l2_flows(lab2, {"a": 1, "b": 2, "t": 1})  # broadcast now also reaches the new VIF
+        probe.wait_delivered(100, since_ns=now_ns())
+        t0 = now_ns()
+        lab2.set_link("t", "chassis-1", up=False)
+        lab2.set_link("t", "chassis-2", up=True)
+        l2_flows(lab2, {"a": 1, "b": 2, "t": 2})
+        t1 = now_ns()
+        probe.wait_delivered(300, since_ns=t1)
+        lab2.unplug_vif("t", "chassis-1")
+        probe.wait_delivered(100, since_ns=now_ns())
+    pause = (t0, t1)
+    r = probe.report(pause=pause)
+    probe.plot(tmp_path / "move.png", pause=pause, xlim_ms=(-100, (t1 - t0) / 1e6 + 100))
+    print("\n" + r.to_text())
+    assert new.guest_if == "eth1"
+    for c in r.clients:
+        assert c.downtime is not None and c.downtime.recovered, c
+        assert c.delivered >= 500 and c.duplicated == 0
+        # nothing is lost outside the move: every loss falls in the downtime gap
+        assert c.lost == c.downtime.lost
+        assert c.downtime_beyond_pause_ms is not None and c.downtime_beyond_pause_ms < 20
+    assert r.pause_ms is not None and r.total.downtime_ms is not None
+    assert r.total.downtime_ms < r.pause_ms + 20
