@@ -15,6 +15,7 @@ from ferry.api.resources import (
     bindings,
     extensions,
     floatingips,
+    migrations,
     networks,
     ports,
     routers,
@@ -64,6 +65,6 @@ def create_app(
     app.state.auth = Authenticator(config, noauth)
     errors.install(app)
     for module in (extensions, networks, subnets, ports, bindings, routers, floatingips,
-                   secgroups):
+                   secgroups, migrations):
         app.include_router(module.router)
     return app

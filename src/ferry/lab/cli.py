@@ -9,6 +9,7 @@ import json
 import logging
 import signal
 import sys
+import uuid
 from typing import Annotated
 
 import typer
@@ -155,6 +156,12 @@ def vm_create(
     async def fetch() -> tuple[str, str, str | None]:
         async with api_of(the_lab) as api:
             p = await api.get("port", port)
+            # What Nova does before plugging: bind the port to the host, mark it a VM's.
+            want = {"binding:host_id": chassis, "device_owner": "compute:nova",
+                    "device_id": p["device_id"] or str(uuid.uuid5(uuid.NAMESPACE_URL,
+                                                                  f"ferry-lab-vm/{name}"))}
+            if any(p.get(k) != v for k, v in want.items()):
+                p = await api.update("port", port, **want)
             if not p["fixed_ips"]:
                 raise fail(f"port {port} has no fixed IP")
             fip = p["fixed_ips"][0]
@@ -165,7 +172,9 @@ def vm_create(
     async def wait_active() -> None:
         async with api_of(the_lab) as api:
             async with asyncio.timeout(wait_s):
-                while (await api.get("port", port))["status"] != "ACTIVE":
+                while True:  # the API has no push channel: poll, as Nova waits for an event
+                    if (await api.get("port", port))["status"] == "ACTIVE":
+                        return
                     await asyncio.sleep(0.02)
 
     try:
@@ -204,4 +213,36 @@ def vm_delete(name: str, lab: LabOpt = None) -> None:
     try:
         pick_lab(lab).delete_vm(name)
     except LabError as e:
+        raise fail(str(e)) from None
+
+
+@app.command()
+def migrate(
+    vm: str,
+    to: Annotated[str, typer.Option("--to", help="The destination chassis.")],
+    pause_ms: Annotated[float, typer.Option("--pause-ms", min=0,
+                                            help="The VM's stop-and-copy pause.")] = 50.0,
+    unplug_delay_ms: Annotated[float, typer.Option(
+        "--unplug-delay-ms", min=0, help="From resume to Nova's post-migration step "
+        "(source unplug, binding activation).")] = 100.0,
+    lab: LabOpt = None,
+) -> None:
+    """Live-migrate a VM as Nova and libvirt do, through the API, and print the timeline."""
+    from ferry.lab.migrate import migrate as do_migrate
+    from ferry.migration_cli import print_timeline
+
+    the_lab = pick_lab(lab)
+
+    async def main() -> None:
+        async with api_of(the_lab) as api:
+            run = await do_migrate(the_lab, api, vm, to, pause_ms=pause_ms,
+                                   unplug_delay_ms=unplug_delay_ms)
+        console.print(f"{vm}: {run.source} → {run.dest}, pause {pause_ms:.0f} ms",
+                      highlight=False)
+        if run.record:
+            print_timeline(run.record, console)
+
+    try:
+        asyncio.run(main())
+    except (NeutronError, LabError) as e:
         raise fail(str(e)) from None

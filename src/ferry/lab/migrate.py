@@ -1,0 +1,122 @@
+"""A live migration in the lab, performed as Nova and libvirt do it, in their order.
+
+1. Nova (pre-live-migration): creates the destination port binding (inactive) and sets
+   ``binding:profile.migrating_to``; the destination's VIF is plugged with the VM not yet
+   running there (its link down). The destination controller claims the port (step 1).
+2. libvirt: the VM stops on the source (its link goes down: the stop-and-copy pause), and
+   resumes on the destination ``pause_ms`` later (link up, then a RARP, as QEMU sends).
+3. Nova (post-live-migration), ``unplug_delay_ms`` later: unplugs the source VIF (step 2 of
+   the spec: note that the VM already runs on the destination by then), activates the
+   destination binding (step 3), deletes the source binding and clears ``migrating_to``.
+Every API call goes through the Neutron API; every host action through the lab. The times of
+each action are returned, on the wall clock and on CLOCK_MONOTONIC (which the probe uses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferry.lab.lab import Lab, LabError
+from ferry.lab.neutron import Neutron, NeutronError
+
+
+@dataclass
+class MigrationRun:
+    vm: str
+    port_id: str
+    source: str
+    dest: str
+    pause_ms: float
+    events: dict[str, float] = field(default_factory=dict)  # name → CLOCK_MONOTONIC ns
+    wall: dict[str, float] = field(default_factory=dict)  # name → wall-clock seconds
+    record: dict[str, Any] | None = None  # the Migration record at the end, if readable
+
+    def mark(self, name: str) -> None:
+        self.events[name] = time.monotonic_ns()
+        self.wall[name] = time.time()
+
+    @property
+    def pause_window_ns(self) -> tuple[int, int]:
+        return int(self.events["paused"]), int(self.events["resumed"])
+
+
+async def migrate(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float = 50.0,
+                  unplug_delay_ms: float = 100.0, plug_timeout: float = 10.0) -> MigrationRun:
+    v = lab.vm(vm)
+    active = v.active_vif
+    if active is None:
+        raise LabError(f"VM {vm} runs nowhere")
+    source = active.chassis
+    dest = lab.chassis(dest).name
+    if dest == source:
+        raise LabError(f"VM {vm} already runs on {dest}")
+    run = MigrationRun(vm, v.port_id, source, dest, pause_ms)
+    port = await api.get("port", v.port_id)
+    profile = dict(port.get("binding:profile") or {})
+    await api.create_binding(v.port_id, dest, vnic_type=port.get("binding:vnic_type",
+                                                                  "normal"))
+    await api.update("port", v.port_id, **{"binding:profile": {**profile,
+                                                                "migrating_to": dest}})
+    run.mark("binding_created")
+    await asyncio.to_thread(lab.plug_vif, vm, dest, False)
+    run.mark("dest_plugged")
+    await wait_claimed(api, v.port_id, dest, plug_timeout)
+    run.mark("dest_claimed")
+    # The stop-and-copy pause.
+    await asyncio.to_thread(lab.set_link, vm, source, False)
+    run.mark("paused")
+    await asyncio.sleep(pause_ms / 1000)
+    await asyncio.to_thread(lab.set_link, vm, dest, True)
+    run.mark("resumed")
+    await asyncio.to_thread(lab.announce, vm, dest, "rarp")
+    run.mark("announced")
+    await asyncio.sleep(unplug_delay_ms / 1000)
+    # Nova's post-live-migration.
+    await asyncio.to_thread(lab.unplug_vif, vm, source)
+    run.mark("source_unplugged")
+    await api.activate_binding(v.port_id, dest)
+    run.mark("binding_activated")
+    await api.delete_binding(v.port_id, source)
+    await api.update("port", v.port_id, **{"binding:profile": profile})
+    run.mark("profile_cleared")
+    run.record = await wait_done(api, v.port_id, plug_timeout)
+    run.mark("done")
+    return run
+
+
+async def migration_record(api: Neutron, port_id: str) -> dict[str, Any] | None:
+    try:
+        out: dict[str, Any] = (await api.call("GET", f"/ferry/migrations/{port_id}"))[
+            "migration"]
+        return out
+    except NeutronError as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+async def wait_claimed(api: Neutron, port_id: str, dest: str, within: float) -> None:
+    """The destination controller has claimed the port (step 1 recorded). The API has no
+    push channel: poll it, as Nova would wait for an event."""
+    async with asyncio.timeout(within):
+        while True:
+            m = await migration_record(api, port_id)
+            if m and m["dest_chassis"] == dest and m["status"] in ("plugged",
+                                                                   "source_unplugged"):
+                return
+            await asyncio.sleep(0.005)
+
+
+async def wait_done(api: Neutron, port_id: str, within: float) -> dict[str, Any] | None:
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                m = await migration_record(api, port_id)
+                if m and m["status"] in ("done", "rolled_back"):
+                    return m
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        return await migration_record(api, port_id)
