@@ -24,6 +24,7 @@ from ferry.lab.netns import wait_for
 from ferry.probe.plot import plot_timeline
 from ferry.probe.records import ClientData, ProbeData, load
 from ferry.probe.report import build_report
+from ferry.probe.report import main as report_main
 from ferry.probe.runner import Probe, link_flap, now_ns
 
 MS = 1_000_000
@@ -157,7 +158,8 @@ def agent(out: Path, *args: str) -> subprocess.Popen[bytes]:
                              "--bind", "127.0.0.1", "--port", "47999"])
 
 
-def test_agents_stop_by_themselves_and_on_sigterm(tmp_path: Path) -> None:
+def test_agents_stop_by_themselves_and_on_sigterm(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     echo = agent(tmp_path, "echo", "--duration", "30", "--vm", "t")
     try:
         wait_for(lambda: (tmp_path / "echo.json").exists(), timeout=10, what="echo ready")
@@ -177,6 +179,10 @@ def test_agents_stop_by_themselves_and_on_sigterm(tmp_path: Path) -> None:
     r = build_report(load(tmp_path))
     assert r.clients[0].delivered == r.clients[0].echoed == meta["sent"]
     assert r.clients[0].latency_p50_us > 0  # kernel receive times map onto the send clock
+    # the command-line report of a run directory
+    assert report_main([str(tmp_path), "--json", "--plot", str(tmp_path / "t.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["total"]["sent"] == meta["sent"]
+    assert (tmp_path / "t.png").stat().st_size > 0
 
 
 # -- lab runs -----------------------------------------------------------------------------------

@@ -266,3 +266,32 @@ def build_report(data: ProbeData, pause: tuple[int, int] | None = None,
                        pause_start_ns=None if pause is None else pause[0],
                        pause_end_ns=None if pause is None else pause[1],
                        pause_ms=pause_ms, clients=clients)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ferry.probe.report DIR [--pause START_NS END_NS] [--json] [--plot PNG]``"""
+    import argparse
+
+    from ferry.probe.records import load
+
+    p = argparse.ArgumentParser(prog="python -m ferry.probe.report",
+                                description="Report of a probe run directory.")
+    p.add_argument("dir")
+    p.add_argument("--pause", nargs=2, type=int, metavar=("START_NS", "END_NS"))
+    p.add_argument("--around-ms", type=float, default=1000.0)
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.add_argument("--plot", help="also write the timeline PNG here")
+    args = p.parse_args(argv)
+    data = load(args.dir)
+    pause: tuple[int, int] | None = (args.pause[0], args.pause[1]) if args.pause else None
+    report = build_report(data, pause, args.around_ms)
+    print(report.to_json() if args.json else report.to_text())
+    if args.plot:
+        from ferry.probe.plot import plot_timeline
+
+        plot_timeline(data, args.plot, pause, around_ms=args.around_ms)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
