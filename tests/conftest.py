@@ -6,8 +6,8 @@ with its own data directory and ports, and stops by PID.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import signal
 import sys
-import uuid
 from typing import Annotated
 
 import typer
@@ -19,6 +17,7 @@ from rich.table import Table
 from ferry.lab.lab import Lab, LabError, destroy_leftovers, list_labs
 from ferry.lab.neutron import Neutron, NeutronError
 from ferry.lab.services import serve, start_control_plane
+from ferry.lab.state import VmState
 
 app = typer.Typer(no_args_is_help=True, help="A lab of real OVS chassis on this machine.")
 vm_app = typer.Typer(no_args_is_help=True, help="VMs (network namespaces) of a lab.")
@@ -151,42 +150,18 @@ def vm_create(
 ) -> None:
     """A VM on a chassis for a port: MAC and IP come from the port (as Nova's VIF plug),
     then wait until the controller reports the port ACTIVE (as Nova waits for vif-plugged)."""
+    from ferry.lab.nova import boot
+
     the_lab = pick_lab(lab)
 
-    async def fetch() -> tuple[str, str, str | None]:
+    async def main() -> VmState:
         async with api_of(the_lab) as api:
-            p = await api.get("port", port)
-            # What Nova does before plugging: bind the port to the host, mark it a VM's.
-            want = {"binding:host_id": chassis, "device_owner": "compute:nova",
-                    "device_id": p["device_id"] or str(uuid.uuid5(uuid.NAMESPACE_URL,
-                                                                  f"ferry-lab-vm/{name}"))}
-            if any(p.get(k) != v for k, v in want.items()):
-                p = await api.update("port", port, **want)
-            if not p["fixed_ips"]:
-                raise fail(f"port {port} has no fixed IP")
-            fip = p["fixed_ips"][0]
-            sub = await api.get("subnet", fip["subnet_id"])
-            plen = ipaddress.ip_network(sub["cidr"]).prefixlen
-            return p["mac_address"], f"{fip['ip_address']}/{plen}", sub.get("gateway_ip")
-
-    async def wait_active() -> None:
-        async with api_of(the_lab) as api:
-            async with asyncio.timeout(wait_s):
-                while True:  # the API has no push channel: poll, as Nova waits for an event
-                    if (await api.get("port", port))["status"] == "ACTIVE":
-                        return
-                    await asyncio.sleep(0.02)
+            return await boot(the_lab, api, name, port, chassis, wait_s)
 
     try:
-        mac, ip_cidr, gateway = asyncio.run(fetch())
-        vm = the_lab.add_vm(name, chassis, mac, ip_cidr, port, gateway=gateway)
-        if wait_s > 0:
-            asyncio.run(wait_active())
+        vm = asyncio.run(main())
     except (NeutronError, LabError) as e:
         raise fail(str(e)) from None
-    except TimeoutError:
-        raise fail(f"port {port} did not become ACTIVE within {wait_s}s: is {chassis}'s "
-                   "controller running, and is the port bound to it?") from None
     console.print(f"VM {vm.name} ({vm.mac}, {vm.ip_cidr}) on {chassis}, namespace {vm.netns}",
                   highlight=False)
 

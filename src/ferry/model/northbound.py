@@ -10,6 +10,7 @@ the reason, and nothing is written.
 from __future__ import annotations
 
 import ipaddress
+import random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -32,6 +33,9 @@ from ferry.model.objects import (
 from ferry.store.base import ClaimTaken, Conflict, NotFound, Record, Store
 
 T = TypeVar("T", bound=NbObject)
+
+
+KEY_ATTEMPTS = 16
 
 
 class InvalidObject(ValueError):
@@ -95,8 +99,9 @@ def _claim_field(claim: str) -> tuple[str, str]:
 class Northbound:
     """The northbound database: model objects over a ``Store``."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, rng: random.Random | None = None) -> None:
         self.store = store
+        self._random = rng or random.Random()
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -119,14 +124,19 @@ class Northbound:
     # -- writes ------------------------------------------------------------------------------
 
     async def create(self, obj: T) -> T:
-        obj = await self._allocate(obj)
+        """Validate and write ``obj``; its keys are allocated in the same atomic write."""
         await self._check_references(obj)
-        try:
-            rec = await self.store.create(obj.TABLE, obj.id, obj.topic, obj.to_doc(),
-                                          claims=claims_of(obj))
-        except ClaimTaken as e:
-            raise self._in_use(obj, e) from None
-        return obj.model_copy(update={"version": rec.version})
+        for _ in range(KEY_ATTEMPTS):
+            candidate, own_key = self._allocate(obj)
+            try:
+                rec = await self.store.create(candidate.TABLE, candidate.id, candidate.topic,
+                                              candidate.to_doc(), claims=claims_of(candidate))
+            except ClaimTaken as e:
+                if own_key is not None and e.claim == own_key:
+                    continue  # another object drew the same key: draw again
+                raise self._in_use(candidate, e) from None
+            return candidate.model_copy(update={"version": rec.version})
+        raise InvalidObject(obj.TABLE, "tunnel_key", "no free key found; the key space is full")
 
     async def update(self, obj: T) -> T:
         """Write ``obj`` if the stored one is still at ``obj.version`` (else ``Conflict``)."""
@@ -171,15 +181,16 @@ class Northbound:
 
     # -- invariants --------------------------------------------------------------------------
 
-    async def _allocate(self, obj: T) -> T:
-        if isinstance(obj, LogicalSwitch | LogicalPort) and obj.tunnel_key == 0:
-            pool = "network" if isinstance(obj, LogicalSwitch) else "port"
-            key = await self.store.next_key(pool)
-            limit = 2**24 if pool == "network" else 2**31
-            if key >= limit:
-                raise InvalidObject(obj.TABLE, "tunnel_key", f"the {pool} key space is exhausted")
-            return obj.model_copy(update={"tunnel_key": key})  # type: ignore[return-value]
-        return obj
+    def _allocate(self, obj: T) -> tuple[T, str | None]:
+        """Draw a random free-looking key for objects that need one. Keys are claims, taken
+        atomically with the object: a rejected object consumes nothing, and two objects that
+        draw the same key cannot both be written (the loser draws again)."""
+        if not isinstance(obj, LogicalSwitch | LogicalPort) or obj.tunnel_key != 0:
+            return obj, None
+        limit = 2**24 if isinstance(obj, LogicalSwitch) else 2**31
+        key = self._random.randrange(1, limit)
+        kind = "netkey" if isinstance(obj, LogicalSwitch) else "portkey"
+        return obj.model_copy(update={"tunnel_key": key}), f"{kind}/{key}"  # type: ignore[return-value]
 
     def _in_use(self, obj: NbObject, e: ClaimTaken) -> InUse:
         field, value = _claim_field(e.claim)
