@@ -18,11 +18,13 @@ def version() -> None:
 def _register() -> None:
     from ferry.agent.cli import controller_command
     from ferry.api.cli import api_command
+    from ferry.demo import demo_command
     from ferry.lab.cli import app as lab_app
     from ferry.migration_cli import app as migration_app
 
     app.command("controller")(controller_command)
     app.command("api")(api_command)
+    app.command("demo")(demo_command)
     app.add_typer(lab_app, name="lab")
     app.add_typer(migration_app, name="migration")
 

@@ -312,6 +312,44 @@ def run_flap(args: argparse.Namespace) -> int:
     return 0
 
 
+def rarp_frame(mac: str) -> bytes:
+    """QEMU's self-announcement: a broadcast RARP (op 3) carrying the VM's MAC."""
+    m = bytes.fromhex(mac.replace(":", ""))
+    body = b"\x80\x35" + bytes.fromhex("0001080006040003") + m + bytes(4) + m + bytes(4)
+    frame = b"\xff" * 6 + m + body
+    return frame + bytes(max(0, 60 - len(frame)))
+
+
+def run_move(args: argparse.Namespace) -> int:
+    """A hypervisor's stop and resume of a migrating VM, timed to the microsecond: take
+    ``--down`` (the source VIF) down, wait ``--pause-ms``, bring ``--up`` (the destination
+    VIF) up and send RARPs from it at once, as QEMU does on resume. Prints the times as JSON."""
+    import json
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    frame = rarp_frame(args.mac)
+    t0 = time.monotonic_ns()
+    _set_up(sock, args.down, False)
+    t_down = time.monotonic_ns()
+    due = t0 + int(args.pause_ms * 1e6)
+    while (left := due - time.monotonic_ns()) > 0:
+        time.sleep(left / 1e9 if left > 200_000 else 0)
+    t_up0 = time.monotonic_ns()
+    _set_up(sock, args.up, True)
+    t_up = time.monotonic_ns()
+    sent = 0
+    if args.rarp:
+        raw.bind((args.up, 0))
+        for _ in range(args.rarp):
+            raw.send(frame)
+            sent += 1
+    t_rarp = time.monotonic_ns()
+    print(json.dumps({"start_ns": t0, "down_ns": t_down, "up_start_ns": t_up0, "up_ns": t_up,
+                      "rarp_ns": t_rarp, "rarps": sent}))
+    return 0
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ferry.probe.agent", description=__doc__)
     sub = p.add_subparsers(dest="role", required=True)
@@ -334,6 +372,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     f = sub.add_parser("flap", help="take a device down and up again (an emulated pause)")
     f.add_argument("--dev", required=True)
     f.add_argument("--down-ms", type=float, required=True)
+    mv = sub.add_parser("move", help="stop on one VIF, resume on another (a migration)")
+    mv.add_argument("--down", required=True, help="the source VIF's guest interface")
+    mv.add_argument("--up", required=True, help="the destination VIF's guest interface")
+    mv.add_argument("--pause-ms", type=float, required=True)
+    mv.add_argument("--mac", required=True, help="the VM's MAC (for the RARP)")
+    mv.add_argument("--rarp", type=int, default=1, help="RARPs to send on resume (0: none)")
     args = p.parse_args(argv)
     if args.role == "client" and not (1 <= args.id <= 0xFFFF and 0 < args.rate <= 100_000):
         p.error("--id must be in 1..65535 and --rate in (0, 100000]")
@@ -347,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     _tight_timers()
     if args.role == "flap":
         return run_flap(args)
+    if args.role == "move":
+        return run_move(args)
     if args.role == "echo":
         return run_echo(args)
     return Client(args).run()
