@@ -3,14 +3,16 @@
 Allocation reads the addresses in use on the network (ports' fixed IPs and floating IPs) and
 picks the lowest free address of the subnet's pools. The store's claims make the final word:
 two concurrent requests that pick the same address cannot both be written, and the loser
-retries (see ``ferry.api.resources.ports``).
+retries (see ``ferry.api.resources.ports``) with a random one of the lowest ``WINDOW`` free
+addresses, so that concurrent retries spread out instead of colliding again.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from ferry.api.errors import ApiError, bad_request
 from ferry.model.northbound import Northbound
@@ -24,6 +26,7 @@ from ferry.model.objects import (
 )
 
 MAC_PREFIX = "fa:16:3e"
+WINDOW = 64
 
 
 def random_mac() -> str:
@@ -60,29 +63,36 @@ def default_pools(cidr: IPNetwork, gateway: IPAddress | None) -> tuple[Allocatio
 
 
 async def used_addresses(nb: Northbound, network_id: str) -> set[IPAddress]:
-    ports = await nb.list(LogicalPort, where={"network_id": network_id})
-    used: set[IPAddress] = {f.ip_address for p in ports for f in p.fixed_ips}
-    fips = await nb.list(FloatingIP, where={"floating_network_id": network_id})
-    used.update(f.floating_ip_address for f in fips)
+    """Addresses held on a network (read from the raw records: this runs on every create)."""
+    used: set[IPAddress] = set()
+    for rec in await nb.store.list(LogicalPort.TABLE, where={"network_id": network_id}):
+        used.update(ipaddress.ip_address(f["ip_address"]) for f in rec.data.get("fixed_ips", ()))
+    for rec in await nb.store.list(FloatingIP.TABLE,
+                                   where={"floating_network_id": network_id}):
+        used.add(ipaddress.ip_address(rec.data["floating_ip_address"]))
     return used
 
 
-def first_free(subnet: Subnet, used: Iterable[IPAddress]) -> IPAddress | None:
+def free_addresses(subnet: Subnet, used: Iterable[IPAddress]) -> Iterator[IPAddress]:
+    """The free pool addresses of ``subnet``, lowest first."""
     taken = {int(a) for a in used if a in subnet.cidr}
     if subnet.gateway_ip is not None:
         taken.add(int(subnet.gateway_ip))
     for pool in sorted(subnet.allocation_pools, key=lambda p: int(p.start)):
-        n = int(pool.start)
-        while n <= int(pool.end):
+        for n in range(int(pool.start), int(pool.end) + 1):
             if n not in taken:
-                return ipaddress.ip_address(n)
-            n += 1
-    return None
+                yield ipaddress.ip_address(n)
 
 
-def allocate(subnet: Subnet, used: set[IPAddress]) -> IPAddress:
-    """The lowest free pool address of ``subnet`` (recorded in ``used``), or 409."""
-    ip = first_free(subnet, used)
+def first_free(subnet: Subnet, used: Iterable[IPAddress], attempt: int = 0) -> IPAddress | None:
+    """The lowest free address; on a retry (``attempt`` > 0) a random one of the lowest few."""
+    window = list(itertools.islice(free_addresses(subnet, used), 1 if attempt == 0 else WINDOW))
+    return random.choice(window) if window else None
+
+
+def allocate(subnet: Subnet, used: set[IPAddress], attempt: int = 0) -> IPAddress:
+    """A free pool address of ``subnet`` (recorded in ``used``), or 409."""
+    ip = first_free(subnet, used, attempt)
     if ip is None:
         raise ApiError(409, "IpAddressGenerationFailure",
                        f"No more IP addresses available on network {subnet.network_id}.")

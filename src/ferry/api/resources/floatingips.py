@@ -144,7 +144,7 @@ async def create_fip(body: FipCreateBody, nb: NB, ctx: Ctx) -> dict[str, Any]:
                                   req.fixed_ip_address)
     elif req.fixed_ip_address is not None:
         raise bad_request("fixed_ip_address needs port_id")
-    for _ in range(ATTEMPTS):
+    for attempt in range(ATTEMPTS):
         used = await ipam.used_addresses(nb, net.id)
         if wanted is not None:
             if wanted in used:
@@ -152,7 +152,7 @@ async def create_fip(body: FipCreateBody, nb: NB, ctx: Ctx) -> dict[str, Any]:
                                f"IP address {wanted} already allocated in network {net.id}")
             address = wanted
         else:
-            free = [ip for ip in (ipam.first_free(s, used) for s in subnets
+            free = [ip for ip in (ipam.first_free(s, used, attempt) for s in subnets
                                   if s.cidr.version == 4) if ip is not None]
             if not free:
                 raise ApiError(409, "IpAddressGenerationFailure",

@@ -91,18 +91,19 @@ class PortUpdateBody(Body):
 
 async def resolve_fixed_ips(
     nb: Northbound, net: LogicalSwitch, requested: list[FixedIPReq] | None,
-    keep: frozenset[str] = frozenset(),
+    keep: frozenset[str] = frozenset(), attempt: int = 0,
 ) -> list[dict[str, str]]:
     """fixed_ips for a port on ``net``: requested ones checked, missing addresses allocated.
 
-    ``keep``: addresses the port already holds (on update), which are not "in use".
+    ``keep``: addresses the port already holds (on update), which are not "in use";
+    ``attempt``: how many times a concurrent request took the address chosen before.
     """
     subnets = await nb.list(Subnet, where={"network_id": net.id})
     used = {ip for ip in await ipam.used_addresses(nb, net.id) if str(ip) not in keep}
     if requested is None:
         for version in (4, 6):
             for subnet in (s for s in subnets if s.cidr.version == version):
-                ip = ipam.first_free(subnet, used)
+                ip = ipam.first_free(subnet, used, attempt)
                 if ip is not None:
                     return [{"subnet_id": subnet.id, "ip_address": str(ip)}]
         if subnets:
@@ -119,7 +120,7 @@ async def resolve_fixed_ips(
                               f"fixed_ips included invalid subnet {req.subnet_id}")
         if req.ip_address is None:
             assert req.subnet_id is not None
-            ip = ipam.allocate(by_id[req.subnet_id], used)
+            ip = ipam.allocate(by_id[req.subnet_id], used, attempt)
             out.append({"subnet_id": req.subnet_id, "ip_address": str(ip)})
             continue
         ip = ipam.parse_ip(req.ip_address, f"{where}.ip_address")
@@ -139,11 +140,15 @@ async def resolve_fixed_ips(
     return out
 
 
-async def create_with_retry(nb: Northbound, build: Callable[[], Awaitable[LogicalPort]],
-                            auto_ip: bool, auto_mac: bool) -> LogicalPort:
-    """Write a new port; automatically chosen values a concurrent writer took are re-chosen."""
-    for _ in range(ATTEMPTS):
-        port = await build()
+async def create_with_retry(nb: Northbound, build: Callable[[int], Awaitable[LogicalPort]],
+                            auto_ip: bool, auto_mac: bool,
+                            first: LogicalPort | None = None) -> LogicalPort:
+    """Write a new port; automatically chosen values a concurrent writer took are re-chosen.
+
+    ``build(attempt)`` makes the port afresh (reading the addresses in use again); ``first``
+    is an already built first attempt."""
+    for attempt in range(ATTEMPTS):
+        port = first if attempt == 0 and first is not None else await build(attempt)
         try:
             return await nb.create(port)
         except InUse as e:
@@ -223,8 +228,8 @@ async def create_port(body: PortCreateBody, nb: NB, ctx: Ctx) -> dict[str, Any]:
     bindings = [PortBinding(host=req.binding_host_id, vnic_type=vnic, profile=profile)
                 ] if req.binding_host_id else []
 
-    async def build() -> LogicalPort:
-        fixed = await resolve_fixed_ips(nb, net, req.fixed_ips)
+    async def build(attempt: int) -> LogicalPort:
+        fixed = await resolve_fixed_ips(nb, net, req.fixed_ips, attempt=attempt)
         return parse(LogicalPort, {
             "topic": topic, "network_id": net.id, "name": req.name,
             "description": req.description, "admin_state_up": req.admin_state_up,
@@ -235,11 +240,12 @@ async def create_port(body: PortCreateBody, nb: NB, ctx: Ctx) -> dict[str, Any]:
             "bindings": [b.model_dump(mode="json") for b in bindings]})
 
     sg_ids: list[str] = groups or []
-    await build()  # validate everything before the default group may be created
+    first = await build(0)  # validate everything before the default group may be created
     if groups is None and secure and not req.device_owner.startswith("network:"):
         sg_ids = [(await ensure_default(nb, topic)).id]
+        first = rebuild(first, security_groups=sg_ids)
     auto_ip = req.fixed_ips is None or any(f.ip_address is None for f in req.fixed_ips)
-    port = await create_with_retry(nb, build, auto_ip, mac is None)
+    port = await create_with_retry(nb, build, auto_ip, mac is None, first)
     return {"port": portdata.render(port)}
 
 

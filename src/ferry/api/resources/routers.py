@@ -112,8 +112,8 @@ async def _gateway_port(nb: Northbound, ctx: Context, router_id: str, topic: str
     if gw.external_fixed_ips is not None:
         ctx.require_admin("rule:create_router:external_gateway_info:external_fixed_ips")
 
-    async def build() -> LogicalPort:
-        fixed = await resolve_fixed_ips(nb, net, gw.external_fixed_ips)
+    async def build(attempt: int) -> LogicalPort:
+        fixed = await resolve_fixed_ips(nb, net, gw.external_fixed_ips, attempt=attempt)
         if not fixed:
             raise bad_request(f"external network {net.id} has no subnet to take an address "
                               "from")
@@ -122,10 +122,10 @@ async def _gateway_port(nb: Northbound, ctx: Context, router_id: str, topic: str
             "device_owner": GATEWAY_OWNER, "device_id": router_id,
             "port_security_enabled": False})
 
-    await build()
+    first = await build(0)
     auto = gw.external_fixed_ips is None or any(
         f.ip_address is None for f in gw.external_fixed_ips)
-    return await create_with_retry(nb, build, auto, True)
+    return await create_with_retry(nb, build, auto, True, first)
 
 
 def _mac() -> str:
@@ -288,15 +288,15 @@ async def add_interface(router_id: str, req: InterfaceReq, nb: NB,
         net = await nb.must_get(LogicalSwitch, subnet.network_id, "network_id", "subnet")
         wanted = [FixedIPReq(subnet_id=subnet.id, ip_address=str(subnet.gateway_ip))]
 
-        async def build() -> LogicalPort:
+        async def build(attempt: int) -> LogicalPort:
             fixed = await resolve_fixed_ips(nb, net, wanted)
             return parse(LogicalPort, {
                 "topic": r.topic, "network_id": net.id, "mac": _mac(), "fixed_ips": fixed,
                 "device_owner": INTERFACE_OWNER, "device_id": r.id,
                 "port_security_enabled": False})
 
-        await build()
-        port = created = await create_with_retry(nb, build, False, True)
+        first = await build(0)
+        port = created = await create_with_retry(nb, build, False, True, first)
     else:
         assert req.port_id is not None
         port = await load(nb, LogicalPort, req.port_id, ctx)
