@@ -183,3 +183,37 @@ def test_unauthorized_step_two_is_ignored_even_for_the_named_destination() -> No
     r.fab.cores["ch3"].vif_online(_vif(20))
     r.record(MigrationStatus.SOURCE_UNPLUGGED)
     r.assert_at("ch2", 10)
+
+
+def test_step_three_before_the_source_unplugs_claims_nothing_back() -> None:
+    """Nova activates the destination binding before unplugging the source VIF: the source
+    keeps a VIF for a port now bound elsewhere, and must neither claim it back nor deliver to
+    it; when it finally unplugs, everything equals a fresh start."""
+    r = Run()
+    r.authorize()
+    r.fab.cores["ch3"].vif_online(_vif(20))
+    r.record(MigrationStatus.PLUGGED)
+    r.publish_b1([PortBinding(host="ch3"),
+                  PortBinding(host="ch2", status=BindingStatus.INACTIVE)])
+    src = r.fab.cores["ch2"]
+    assert intents(src.nb_updated(src.topology.get(LogicalPort, "b1"))) == []  # type: ignore[arg-type]
+    r.assert_at("ch3", 20)
+    assert intents(src.vif_offline("b1")) == []
+    r.publish_b1([PortBinding(host="ch3")])
+    r.record(MigrationStatus.DONE)
+    r.assert_at("ch3", 20)
+    r.assert_converged()
+
+
+def test_migrating_back_later_is_claimed() -> None:
+    r = Run()
+    r.authorize()
+    r.fab.cores["ch3"].vif_online(_vif(20))
+    r.record(MigrationStatus.PLUGGED)
+    r.fab.unplug("ch2", "b1")
+    r.activate()
+    r.record(MigrationStatus.DONE)
+    # Back to ch2: a new binding for ch2, a newly plugged VIF there.
+    r.publish_b1([PortBinding(host="ch3", profile={"migrating_to": "ch2"}),
+                  PortBinding(host="ch2", status=BindingStatus.INACTIVE)])
+    assert intents(r.fab.cores["ch2"].vif_online(_vif(30))) == [Claim("b1", "ch3", "ch2")]

@@ -71,6 +71,9 @@ def _record(topo: Topology, port_id: str) -> Migration | None:
 def on_vif_online(topo: Topology, port: LogicalPort) -> list[Intent]:
     me = topo.chassis
     host = port.host
+    topo.home_vifs.discard(port.id)
+    if host == me:
+        topo.home_vifs.add(port.id)
     if host is None or host == me:
         return _level(topo, port)
     if not authorized(port, me):
@@ -80,6 +83,7 @@ def on_vif_online(topo: Topology, port: LogicalPort) -> list[Intent]:
 
 def on_vif_offline(topo: Topology, port: LogicalPort) -> list[Intent]:
     me = topo.chassis
+    topo.home_vifs.discard(port.id)
     m = _record(topo, port.id)
     if m is None:
         return []
@@ -107,7 +111,12 @@ def _level(topo: Topology, port: LogicalPort) -> list[Intent]:
         if m.source_chassis != host:
             return [Abandon(port.id, me, f"the port is now bound to {host}")]
         return []
-    claimable = here and host is not None and host != me and authorized(port, me)
+    if here and host == me:
+        topo.home_vifs.add(port.id)
+    # A VIF that served the port while it was bound here is the source side of a migration
+    # (e.g. the binding moved before Nova unplugged it): it never claims the port back.
+    claimable = (here and host is not None and host != me and authorized(port, me)
+                 and port.id not in topo.home_vifs)
     if claimable and host is not None and (m is None or m.source_chassis != host):
         return [Claim(port.id, host, me)]
     return []

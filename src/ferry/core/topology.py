@@ -52,6 +52,9 @@ class Topology:
     chassis: str
     objects: dict[str, dict[str, NbObject]] = field(default_factory=dict)
     vifs: dict[str, Vif] = field(default_factory=dict)
+    home_vifs: set[str] = field(default_factory=set)
+    """VIFs that were plugged here while their port was bound here: a migration's source
+    side. Such a VIF never claims its port back once the binding has moved away."""
 
     def table(self, cls: type[T]) -> dict[str, T]:
         return self.objects.setdefault(cls.TABLE, {})  # type: ignore[return-value]

@@ -34,6 +34,7 @@ class MigrationRun:
     pause_ms: float
     events: dict[str, float] = field(default_factory=dict)  # name → CLOCK_MONOTONIC ns
     wall: dict[str, float] = field(default_factory=dict)  # name → wall-clock seconds
+    profile: dict[str, Any] = field(default_factory=dict)  # binding:profile before the move
     record: dict[str, Any] | None = None  # the Migration record at the end, if readable
 
     def mark(self, name: str) -> None:
@@ -47,6 +48,23 @@ class MigrationRun:
 
 async def migrate(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float = 50.0,
                   unplug_delay_ms: float = 100.0, plug_timeout: float = 10.0) -> MigrationRun:
+    """The whole sequence: :func:`pre_migration`, :func:`stop_and_resume`, a delay,
+    :func:`post_migration`, then wait for the controllers to mark the migration done."""
+    run = await pre_migration(lab, api, vm, dest, plug_timeout=plug_timeout)
+    await stop_and_resume(lab, run)
+    await asyncio.sleep(unplug_delay_ms / 1000)
+    await unplug_source(lab, run)
+    await post_migration(api, run)
+    run.record = await wait_done(api, run.port_id, plug_timeout)
+    run.mark("done")
+    return run
+
+
+async def pre_migration(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float = 50.0,
+                        plug_timeout: float | None = 10.0) -> MigrationRun:
+    """Nova's pre-live-migration: an inactive binding for ``dest``, ``migrating_to``, and the
+    destination VIF plugged with the VM not running there yet. Waits for the destination's
+    claim unless ``plug_timeout`` is None."""
     v = lab.vm(vm)
     active = v.active_vif
     if active is None:
@@ -55,38 +73,48 @@ async def migrate(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float
     dest = lab.chassis(dest).name
     if dest == source:
         raise LabError(f"VM {vm} already runs on {dest}")
-    run = MigrationRun(vm, v.port_id, source, dest, pause_ms)
     port = await api.get("port", v.port_id)
-    profile = dict(port.get("binding:profile") or {})
+    run = MigrationRun(vm, v.port_id, source, dest, pause_ms,
+                       profile=dict(port.get("binding:profile") or {}))
     await api.create_binding(v.port_id, dest, vnic_type=port.get("binding:vnic_type",
                                                                   "normal"))
-    await api.update("port", v.port_id, **{"binding:profile": {**profile,
+    await api.update("port", v.port_id, **{"binding:profile": {**run.profile,
                                                                 "migrating_to": dest}})
     run.mark("binding_created")
     await asyncio.to_thread(lab.plug_vif, vm, dest, False)
     run.mark("dest_plugged")
-    await wait_claimed(api, v.port_id, dest, plug_timeout)
-    run.mark("dest_claimed")
-    # The stop-and-copy pause, then the resume with QEMU's RARP: done inside the VM's
-    # namespace by one process, so that the times are exact to the microsecond.
-    times = await asyncio.to_thread(hypervisor_move, lab, vm, source, dest, pause_ms)
+    if plug_timeout is not None:
+        await wait_claimed(api, v.port_id, dest, plug_timeout)
+        run.mark("dest_claimed")
+    return run
+
+
+async def stop_and_resume(lab: Lab, run: MigrationRun) -> None:
+    """libvirt's part: the stop-and-copy pause, then the resume with QEMU's RARP, done inside
+    the VM's namespace by one process so that the times are exact to the microsecond."""
+    times = await asyncio.to_thread(hypervisor_move, lab, run.vm, run.source, run.dest,
+                                    run.pause_ms)
     for name, key in (("paused", "down_ns"), ("resumed", "up_ns"), ("announced", "rarp_ns")):
         run.events[name] = times[key]
         run.wall[name] = time.time() - (time.monotonic_ns() - times[key]) / 1e9
-    await asyncio.to_thread(lab.set_link, vm, source, False)  # record it in the lab's state
-    await asyncio.to_thread(lab.set_link, vm, dest, True)
-    await asyncio.sleep(unplug_delay_ms / 1000)
-    # Nova's post-live-migration.
-    await asyncio.to_thread(lab.unplug_vif, vm, source)
+    await asyncio.to_thread(lab.set_link, run.vm, run.source, False)  # the lab's records
+    await asyncio.to_thread(lab.set_link, run.vm, run.dest, True)
+
+
+async def unplug_source(lab: Lab, run: MigrationRun) -> None:
+    """Nova's post-live-migration, on the source host: the VIF goes away (spec step 2)."""
+    await asyncio.to_thread(lab.unplug_vif, run.vm, run.source)
     run.mark("source_unplugged")
-    await api.activate_binding(v.port_id, dest)
+
+
+async def post_migration(api: Neutron, run: MigrationRun) -> None:
+    """Nova's post-live-migration, in Neutron: activate the destination binding (spec step
+    3), delete the source's, clear ``migrating_to``."""
+    await api.activate_binding(run.port_id, run.dest)
     run.mark("binding_activated")
-    await api.delete_binding(v.port_id, source)
-    await api.update("port", v.port_id, **{"binding:profile": profile})
+    await api.delete_binding(run.port_id, run.source)
+    await api.update("port", run.port_id, **{"binding:profile": run.profile})
     run.mark("profile_cleared")
-    run.record = await wait_done(api, v.port_id, plug_timeout)
-    run.mark("done")
-    return run
 
 
 def hypervisor_move(lab: Lab, vm: str, source: str, dest: str, pause_ms: float,
