@@ -12,6 +12,7 @@ teardown) stops it by PID.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -111,11 +112,7 @@ def start_control_plane(lab: Lab, store: str = "memory") -> None:
                             "--noauth"), log)
     lab.set_service("api", url, pid)
     for ch in lab.state.chassis:
-        pid = _spawn(ferry_argv("controller", "--chassis", ch.name, "--store", store,
-                                "--ovsdb", ch.ovsdb_url, "--tunnel-ip", ch.tunnel_ip,
-                                "--rundir", ch.rundir),
-                     Path(ch.rundir) / "controller.log")
-        lab.set_controller_pid(ch.name, pid)
+        spawn_controller(lab, ch.name)
     wait_api(url, lab.state.services["api"].proc.pid, log)  # type: ignore[union-attr]
     wait_controllers(lab)
 
@@ -170,3 +167,33 @@ async def serve(lab: Lab) -> None:
         for a in agents:
             await a.stop()
         server.should_exit = True
+
+
+def spawn_controller(lab: Lab, chassis: str) -> int:
+    """Start the chassis' controller process (etcd-backed labs) and record its PID."""
+    store = lab.service("store")
+    if store is None or not store.url:
+        raise LabError(f"lab {lab.prefix} has no external store: its controllers live in "
+                       "the serve process")
+    ch = lab.chassis(chassis)
+    pid = _spawn(ferry_argv("controller", "--chassis", ch.name, "--store", store.url,
+                            "--ovsdb", ch.ovsdb_url, "--tunnel-ip", ch.tunnel_ip,
+                            "--rundir", ch.rundir), Path(ch.rundir) / "controller.log")
+    lab.set_controller_pid(ch.name, pid)
+    return pid
+
+
+def stop_controller(lab: Lab, chassis: str, sig: int = 9) -> None:
+    """Signal the chassis' controller (default SIGKILL: a crash) and wait until it is gone."""
+    ch = lab.chassis(chassis)
+    if ch.controller is None:
+        return
+    pid = ch.controller.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise LabError(f"controller {pid} of {ch.name} did not stop")
+        time.sleep(0.01)
+    lab.set_controller_pid(ch.name, None)
