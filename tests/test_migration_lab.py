@@ -176,6 +176,7 @@ async def test_abandoned_migration_keeps_the_source(rig: Rig, how: str) -> None:
     dest = await other_chassis(rig, "vm")
     source = await rig.where("vm")
     run = await pre_migration(rig.lab, rig.api, "vm", dest)
+    loop = asyncio.get_running_loop()
     await rig.reachable_from_everywhere("vm")
     if how == "dest_unplugged":
         await asyncio.to_thread(rig.lab.unplug_vif, "vm", dest)
@@ -187,9 +188,8 @@ async def test_abandoned_migration_keeps_the_source(rig: Rig, how: str) -> None:
         m = await migration_record(rig.api, run.port_id)
         return m if m and m["status"] == "rolled_back" else None
 
-    async with asyncio.timeout(10):
-        while not await rolled_back():
-            await asyncio.sleep(0.05)
+    await eventually(lambda: asyncio.run_coroutine_threadsafe(rolled_back(), loop).result(),
+                     within=10, what="the migration rolled back")
     # Nova's rollback cleans up what is left: the destination's binding or its VIF.
     if how == "dest_unplugged":
         await rig.api.delete_binding(run.port_id, dest)
