@@ -120,6 +120,12 @@ def test_errors_in_neutron_format(api: Api) -> None:
     api.error("POST", "/ports", {"port": {"network_id": net,
                                           "fixed_ips": [{"ip_address": "10.9.9.9"}]}},
               400, "BadRequest")
+    # Checked before the new project's default security group would be created.
+    for ip in ("10.1.0.5", "10.0.0.255"):
+        api.error("POST", "/ports", {"port": {"network_id": net, "project_id": "fresh",
+                                              "fixed_ips": [{"subnet_id": sub,
+                                                             "ip_address": ip}]}},
+                  400, "BadRequest")
     api.error("DELETE", f"/networks/{net}", None, 409, "NetworkInUse")
     api.error("DELETE", f"/subnets/{sub}", None, 409, "SubnetInUse")
     api.error("PUT", f"/ports/{port['id']}", {"port": {"port_security_enabled": False}}, 409,

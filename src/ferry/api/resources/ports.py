@@ -132,6 +132,15 @@ async def resolve_fixed_ips(
             subnet_id = match.id
         else:
             subnet_id = req.subnet_id
+            cidr = by_id[subnet_id].cidr
+            if ip not in cidr:
+                raise bad_request(f"{where}.ip_address: {ip} is outside subnet {subnet_id} "
+                                  f"({cidr})")
+        cidr = by_id[subnet_id].cidr
+        if cidr.version == 4 and cidr.prefixlen < 31 and ip in (cidr.network_address,
+                                                                cidr.broadcast_address):
+            raise bad_request(f"{where}.ip_address: {ip} is the network or broadcast address "
+                              f"of {cidr}")
         if ip in used:
             raise conflict("IpAddressAlreadyAllocated", f"IP address {ip} already allocated "
                            f"in subnet {subnet_id}")
