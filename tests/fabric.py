@@ -25,10 +25,13 @@ CARRIED = ("eth_src", "eth_dst", "eth_type", "arp_op", "arp_spa", "arp_tpa", "ar
 class Fabric:
     cores: dict[str, ChassisCore] = field(default_factory=dict)
     tunnel_ips: dict[str, str] = field(default_factory=dict)
+    learned: dict[str, dict[Any, Any]] = field(default_factory=dict)
+    """Flows each chassis' datapath learned (learn actions), as OVS keeps them."""
 
     def add_chassis(self, name: str, tunnel_ip: str) -> ChassisCore:
         core = ChassisCore(name, tunnel_ofport=TUNNEL_OFPORT)
         self.cores[name] = core
+        self.learned[name] = {}
         self.tunnel_ips[tunnel_ip] = name
         return core
 
@@ -59,12 +62,14 @@ class Fabric:
     def _inject(self, chassis: str, pkt: dict[str, Any], out: list[Any], hops: int) -> None:
         assert hops < 4, "packet bounced between chassis"
         flows = list(self.cores[chassis].desired().values())
-        for d in walk(flows, pkt).outputs:
+        my_ip = next(ip for ip, name in self.tunnel_ips.items() if name == chassis)
+        for d in walk(flows, pkt, learned=self.learned[chassis]).outputs:
             if d.port == TUNNEL_OFPORT:
                 dst = self.tunnel_ips[d.packet["tun_ipv4_dst"]]
                 assert dst != chassis, "tunnelled to itself"
                 inner = {k: d.packet[k] for k in CARRIED if k in d.packet}
-                inner.update(in_port=TUNNEL_OFPORT, tunnel_id=d.packet["tunnel_id"])
+                inner.update(in_port=TUNNEL_OFPORT, tunnel_id=d.packet["tunnel_id"],
+                             tun_ipv4_src=my_ip)
                 self._inject(dst, inner, out, hops + 1)
             else:
                 out.append((chassis, d.port, d.packet))

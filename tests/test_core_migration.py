@@ -40,6 +40,7 @@ class Run:
         f = self.fab = Fabric()
         for i in (1, 2, 3):
             f.add_chassis(f"ch{i}", f"192.168.254.{i}")
+        for i in (1, 2, 3):
             f.publish(Chassis(id=f"ch{i}", tunnel_ip=f"192.168.254.{i}", version=1))
         f.publish(LogicalSwitch(id="net1", topic=P, tunnel_key=5, version=1),
                   Subnet(id="s1", topic=P, network_id="net1", cidr="10.0.0.0/24", version=1))

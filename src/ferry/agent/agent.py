@@ -23,7 +23,13 @@ from ferry.agent.subscriptions import Change, Deleted, Resynced, Subscriptions, 
 from ferry.core.chassis import ChassisCore, Output, PortBound, PortUnbound
 from ferry.core.topology import Local, Vif
 from ferry.model.northbound import InvalidObject, Northbound
-from ferry.model.objects import Chassis, LogicalPort, Migration, MigrationStatus
+from ferry.model.objects import (
+    Chassis,
+    LogicalPort,
+    Migration,
+    MigrationMode,
+    MigrationStatus,
+)
 from ferry.store.base import GLOBAL, Store, StoreError
 from ferry.switch.openflow import Switch
 from ferry.switch.ovsdb import ChassisOvsdb, VifOffline, VifOnline
@@ -42,6 +48,8 @@ class AgentConfig:
     bridge: str = "br-int"
     tunnel_port: str = "geneve0"
     bridge_mappings: dict[str, str] = field(default_factory=dict)
+    migration_mode: MigrationMode = MigrationMode.LIVE
+    """How migrations this chassis claims are run (a port's binding profile may override)."""
 
     @property
     def controller_socket(self) -> Path:
@@ -56,7 +64,7 @@ class ChassisAgent:
         self.store = store
         self.nb = Northbound(store)
         self.clock = clock
-        self.core = ChassisCore(config.chassis)
+        self.core = ChassisCore(config.chassis, migration_mode=config.migration_mode)
         self.switch = Switch(f"{config.chassis}/{config.bridge}")
         self.flows = FlowSync(config.chassis, self.switch, self.core.desired,
                               len(self.core.apps), clock)
@@ -136,6 +144,12 @@ class ChassisAgent:
     def _on_change(self, change: Change) -> None:
         if isinstance(change, Updated):
             events = self.core.nb_updated(change.obj)
+            if isinstance(change.obj, Migration) and change.obj.status in (
+                MigrationStatus.DONE, MigrationStatus.ROLLED_BACK
+            ):
+                # The datapath may have learned flows for it (live mode): reconcile against
+                # the switch so that none outlives the migration.
+                self.flows.request_reconcile()
         elif isinstance(change, Deleted):
             events = self.core.nb_deleted(change.table, change.id)
         elif isinstance(change, Resynced):

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from ferry.agent.agent import AgentConfig, ChassisAgent
+from ferry.model.objects import MigrationMode
 from ferry.store import StoreURLError, open_store
 
 
@@ -29,6 +30,10 @@ def controller_command(
         "/run/ferry"),
     bridge: Annotated[str, typer.Option(help="The integration bridge.")] = "br-int",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+    migration_mode: Annotated[MigrationMode, typer.Option(
+        help="live: bound to both chassis from the plug, activated in the datapath by the "
+        "VM's first frame; spec: the spec's three steps only. A port's binding:profile "
+        "ferry_migration_mode overrides it.")] = MigrationMode.LIVE,
 ) -> None:
     """Run the Ferry controller of one chassis."""
     try:
@@ -45,7 +50,7 @@ def controller_command(
         raise typer.BadParameter(str(e), param_hint="--store") from None
     setup_logging(log_level)
     cfg = AgentConfig(chassis=chassis, tunnel_ip=tunnel_ip, ovsdb_url=ovsdb, rundir=rundir,
-                      bridge=bridge)
+                      bridge=bridge, migration_mode=migration_mode)
     asyncio.run(_run(ChassisAgent(cfg, backend)))
 
 

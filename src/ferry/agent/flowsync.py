@@ -44,6 +44,11 @@ class FlowSync:
         self._generation += 1
         self._dirty.set()
 
+    def request_reconcile(self) -> None:
+        """Dump the switch's flows before the next sync (the datapath may have learned some)."""
+        self._needs_dump = True
+        self.mark_dirty()
+
     def on_connected(self, _switch: Switch) -> None:
         self._needs_dump = True
         self.mark_dirty()

@@ -60,7 +60,7 @@ class MigrationPublisher:
         if port is None:
             return
         new = Migration(id=c.port_id, topic=port.topic, port_id=c.port_id,
-                        source_chassis=c.source, dest_chassis=c.dest,
+                        source_chassis=c.source, dest_chassis=c.dest, mode=c.mode,
                         timestamps={"plugged": now})
         old = await self.nb.get(Migration, c.port_id)
         if old is None:
@@ -70,8 +70,8 @@ class MigrationPublisher:
             return
         else:  # a finished migration of this port: the new one replaces it
             await self.nb.update(new.model_copy(update={"version": old.version}))
-        log.info("chassis %s: port %s: migration %s → %s claimed (step 1)", self.chassis,
-                 c.port_id, c.source, c.dest)
+        log.info("chassis %s: port %s: migration %s → %s claimed (step 1, %s mode)",
+                 self.chassis, c.port_id, c.source, c.dest, c.mode.value)
 
     async def _advance(self, port_id: str, only_from: MigrationStatus | None,
                        to: MigrationStatus, stamp: str, now: float) -> None:

@@ -17,8 +17,15 @@ from ferry.core.apps.base import App, Context
 from ferry.core.apps.l2 import ALL_APPS
 from ferry.core.migration import Intent
 from ferry.core.pipeline import check_flow
-from ferry.core.topology import Local, Location, Remote, Topology, Vif
-from ferry.model.objects import Chassis, LogicalPort, LogicalSwitch, Migration, NbObject
+from ferry.core.topology import Location, Placed, Topology, Vif
+from ferry.model.objects import (
+    Chassis,
+    LogicalPort,
+    LogicalSwitch,
+    Migration,
+    MigrationMode,
+    NbObject,
+)
 from ferry.switch.flow import Flow, FlowError
 
 Owner = tuple[str, str]  # ("static", app) | ("network", id) | ("port", id)
@@ -34,7 +41,7 @@ class PortBound:
     """A port is now at ``location`` as seen from this chassis (Local or Remote)."""
 
     port_id: str
-    location: Local | Remote
+    location: Placed
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class PortUnbound:
     """A port is no longer at ``location`` as seen from this chassis."""
 
     port_id: str
-    location: Local | Remote
+    location: Placed
 
 
 DerivedEvent = PortBound | PortUnbound
@@ -54,8 +61,9 @@ class ChassisCore:
     """One chassis' controller logic; many can run side by side in one process."""
 
     def __init__(self, chassis: str, apps: Sequence[App] = ALL_APPS,
-                 tunnel_ofport: int | None = None) -> None:
-        self.topology = Topology(chassis)
+                 tunnel_ofport: int | None = None,
+                 migration_mode: MigrationMode = MigrationMode.LIVE) -> None:
+        self.topology = Topology(chassis, migration_mode=migration_mode)
         self.apps = tuple(apps)
         self.tunnel_ofport = tunnel_ofport
         self._owned: dict[Owner, frozenset[Flow]] = {}
@@ -190,9 +198,12 @@ class ChassisCore:
                 self._locations.pop(pid, None)
         return events
 
+    def _port_cookie(self, app: App, port: LogicalPort) -> int:
+        return cookie_of(self.apps.index(app), "port", port.tunnel_key)
+
     def _compute(self, owner: Owner) -> None:
         kind, id = owner
-        ctx = Context(self.topology, self.tunnel_ofport)
+        ctx = Context(self.topology, self.tunnel_ofport, self._port_cookie)
         flows: list[Flow] = []
         for index, app in enumerate(self.apps):
             produced: Iterable[Flow] = ()
@@ -222,7 +233,12 @@ class ChassisCore:
         elif kind == "port":
             port = self.topology.get(LogicalPort, id)
             key = port.tunnel_key if port else 0
-        return (app_index + 1) << 56 | _KIND[kind] << 48 | key
+        return cookie_of(app_index, kind, key)
+
+
+def cookie_of(app_index: int, kind: str, key: int) -> int:
+    """App index in the top byte, owner kind in the next, the owner's key below."""
+    return (app_index + 1) << 56 | _KIND[kind] << 48 | key
 
 
 def _with_cookie(flow: Flow, cookie: int) -> Flow:

@@ -21,7 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ferry.core.topology import Topology, authorized
-from ferry.model.objects import LogicalPort, Migration, MigrationStatus
+from ferry.model.objects import (
+    MIGRATION_MODE_KEY,
+    LogicalPort,
+    Migration,
+    MigrationMode,
+    MigrationStatus,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class Claim:
     port_id: str
     source: str
     dest: str
+    mode: MigrationMode = MigrationMode.LIVE
 
 
 @dataclass(frozen=True)
@@ -118,5 +125,22 @@ def _level(topo: Topology, port: LogicalPort) -> list[Intent]:
     claimable = (here and host is not None and host != me and authorized(port, me)
                  and port.id not in topo.home_vifs)
     if claimable and host is not None and (m is None or m.source_chassis != host):
-        return [Claim(port.id, host, me)]
+        return [Claim(port.id, host, me, mode_for(topo, port))]
     return []
+
+
+def mode_for(topo: Topology, port: LogicalPort) -> MigrationMode:
+    """The deployment's mode, unless the port's binding profile overrides it."""
+    for binding in (port.binding_for(topo.chassis), port.active_binding):
+        if binding is not None and MIGRATION_MODE_KEY in binding.profile:
+            return _mode(binding.profile[MIGRATION_MODE_KEY], topo.migration_mode)
+    if MIGRATION_MODE_KEY in port.binding_profile:
+        return _mode(port.binding_profile[MIGRATION_MODE_KEY], topo.migration_mode)
+    return topo.migration_mode
+
+
+def _mode(value: object, default: MigrationMode) -> MigrationMode:
+    try:
+        return MigrationMode(str(value))
+    except ValueError:
+        return default  # the API validates the profile; an odd value keeps the default

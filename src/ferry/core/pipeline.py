@@ -34,12 +34,15 @@ class Table:
 
 
 TABLES: tuple[Table, ...] = (
-    Table("classify", 0, "classifier", ("port_security", "l2_lookup"),
+    Table("classify", 0, "classifier", ("port_security", "tunnel_ingress"),
           "in_port → logical port and network; tunnel → network"),
     Table("port_security", 10, "port_security", ("arp_responder",),
           "a VM sends only with its own MAC/IPs and allowed address pairs"),
     Table("arp_responder", 20, "arp_responder", ("l2_lookup",),
           "ARP requests for known ports answered on this chassis"),
+    Table("tunnel_ingress", 25, "l2", ("l2_lookup",),
+          "frames from other chassis; a live-migrating VM's first frame from its new chassis "
+          "moves this chassis' traffic for it there (learn)"),
     Table("l2_lookup", 30, "l2", ("flood", "egress"),
           "destination MAC → logical destination port; broadcast and unknown → flood"),
     Table("flood", 40, "l2", (),

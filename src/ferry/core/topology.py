@@ -15,6 +15,7 @@ from ferry.model.objects import (
     LogicalPort,
     LogicalSwitch,
     Migration,
+    MigrationMode,
     MigrationStatus,
     NbObject,
 )
@@ -42,7 +43,33 @@ class Remote:
     tunnel_ip: str
 
 
-Location = Local | Remote | None
+@dataclass(frozen=True)
+class Outgoing:
+    """Live migration, on the source: the VM runs here until it resumes on ``dest``."""
+
+    ofport: int
+    dest: Remote
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """Live migration, on the destination: plugged here, activated by the VM's first frame
+    (in the datapath); until then its traffic still goes to ``source``."""
+
+    ofport: int
+    source: Remote
+
+
+@dataclass(frozen=True)
+class Both:
+    """Live migration, seen from any other chassis: send to both, the datapath picks."""
+
+    source: Remote
+    dest: Remote
+
+
+Placed = Local | Remote | Outgoing | Incoming | Both
+Location = Placed | None
 
 
 @dataclass
@@ -52,6 +79,8 @@ class Topology:
     chassis: str
     objects: dict[str, dict[str, NbObject]] = field(default_factory=dict)
     vifs: dict[str, Vif] = field(default_factory=dict)
+    migration_mode: MigrationMode = MigrationMode.LIVE
+    """The deployment's migration mode for claims this chassis makes."""
     home_vifs: set[str] = field(default_factory=set)
     """VIFs that were plugged here while their port was bound here: a migration's source
     side. Such a VIF never claims its port back once the binding has moved away."""
@@ -89,11 +118,37 @@ class Topology:
         host = self.effective_host(port)
         if host is None or not port.admin_state_up:
             return None
+        live = self.live_migration(port)
+        if live is not None:
+            return self._locate_live(port, live)
         if host == self.chassis:
             vif = self.vifs.get(port.id)
             return Local(vif.ofport) if vif is not None else None
-        ch = self.get(Chassis, host)
+        return self.remote(host)
+
+    def remote(self, chassis: str) -> Remote | None:
+        ch = self.get(Chassis, chassis)
         return Remote(ch.id, str(ch.tunnel_ip)) if ch is not None else None
+
+    def live_migration(self, port: LogicalPort) -> Migration | None:
+        """The port's valid migration in live mode that has not reached step 2 yet."""
+        m = self.active_migration(port)
+        if m is None or m.mode is not MigrationMode.LIVE or m.status is not (
+            MigrationStatus.PLUGGED
+        ):
+            return None
+        return m
+
+    def _locate_live(self, port: LogicalPort, m: Migration) -> Location:
+        source, dest = self.remote(m.source_chassis), self.remote(m.dest_chassis)
+        if source is None or dest is None:
+            return None
+        vif = self.vifs.get(port.id)
+        if self.chassis == m.dest_chassis:
+            return Incoming(vif.ofport, source) if vif is not None else source
+        if self.chassis == m.source_chassis:
+            return Outgoing(vif.ofport, dest) if vif is not None else dest
+        return Both(source, dest)
 
     def active_migration(self, port: LogicalPort) -> Migration | None:
         """The port's migration in progress, if it is a valid one.
@@ -125,18 +180,22 @@ class Topology:
         """Other chassis hosting a port of the network: name → tunnel IP."""
         out: dict[str, str] = {}
         for port in self.ports_of(network_id):
-            loc = self.locate(port)
-            if isinstance(loc, Remote):
-                out[loc.chassis] = loc.tunnel_ip
+            for r in remotes_of(self.locate(port)):
+                out[r.chassis] = r.tunnel_ip
         return dict(sorted(out.items()))
 
     def local_ofports_of(self, network_id: str) -> list[int]:
+        """Local ports that floods reach (not a migration's destination before it runs)."""
         out = []
         for port in self.ports_of(network_id):
             loc = self.locate(port)
-            if isinstance(loc, Local):
+            if isinstance(loc, Local | Outgoing):
                 out.append(loc.ofport)
         return sorted(out)
+
+    def has_local_port(self, network_id: str) -> bool:
+        return any(isinstance(self.locate(p), Local | Outgoing | Incoming)
+                   for p in self.ports_of(network_id))
 
 
 def authorized(port: LogicalPort, chassis: str) -> bool:
@@ -145,3 +204,16 @@ def authorized(port: LogicalPort, chassis: str) -> bool:
         return True
     active = port.active_binding
     return active is not None and active.profile.get("migrating_to") == chassis
+
+
+def remotes_of(loc: Location) -> list[Remote]:
+    """The other chassis a location involves."""
+    if isinstance(loc, Remote):
+        return [loc]
+    if isinstance(loc, Outgoing):
+        return [loc.dest]
+    if isinstance(loc, Incoming):
+        return [loc.source]
+    if isinstance(loc, Both):
+        return [loc.source, loc.dest]
+    return []

@@ -18,6 +18,12 @@ from ferry.switch.flow import (
     OFPP_IN_PORT,
     Flow,
     GotoTable,
+    Learn,
+    LearnLoad,
+    LearnLoadValue,
+    LearnMatch,
+    LearnMatchValue,
+    LearnOutput,
     Match,
     Output,
     RegMove,
@@ -79,18 +85,47 @@ def lookup(flows: Iterable[Flow], table: int, pkt: Packet) -> Flow | None:
     return best
 
 
-def walk(flows: Iterable[Flow], packet: Mapping[str, Any], table: int = 0) -> Walk:
-    """Run ``packet`` (with ``in_port`` set) through ``flows`` from ``table``."""
+def walk(flows: Iterable[Flow], packet: Mapping[str, Any], table: int = 0,
+         learned: dict[tuple[int, int, Match], Flow] | None = None) -> Walk:
+    """Run ``packet`` (with ``in_port`` set) through ``flows`` from ``table``.
+
+    ``learned`` holds the flows learn actions added (by key); they take part in lookups and
+    learn actions of this walk add to it, as OVS's datapath would."""
+    learned = {} if learned is None else learned
+    by_key = {f.key: f for f in flows}
+    by_key.update(learned)
     by_table: dict[int, list[Flow]] = {}
-    for f in flows:
+    for f in by_key.values():
         by_table.setdefault(f.table, []).append(f)
     result = Walk()
-    _run(by_table, dict(packet), table, result, 0)
+    _run(by_table, dict(packet), table, result, 0, learned)
     return result
 
 
+def learn(action: Learn, pkt: Packet) -> Flow:
+    """The flow a learn action builds from a packet."""
+    fields: dict[str, Any] = {}
+    actions: list[Output | SetField] = []
+    for spec in action.specs:
+        if isinstance(spec, LearnMatchValue):
+            fields[spec.dst] = spec.value
+        elif isinstance(spec, LearnMatch):
+            fields[spec.dst] = pkt.get(_field_of(spec.src or spec.dst), 0)
+        elif isinstance(spec, LearnLoadValue):
+            actions.append(SetField(spec.dst, spec.value))
+        elif isinstance(spec, LearnLoad):
+            actions.append(SetField(spec.dst, pkt.get(_field_of(spec.src), 0)))
+        elif isinstance(spec, LearnOutput):
+            actions.append(Output(int(pkt.get(_field_of(spec.src), 0))))
+    return Flow(action.table, action.priority, Match.of(fields), tuple(actions), action.cookie)
+
+
+def _field_of(name: str) -> str:
+    return "in_port" if name == "in_port_nxm" else name
+
+
 def _run(tables: dict[int, list[Flow]], pkt: Packet, table: int, result: Walk,
-         depth: int) -> None:
+         depth: int, learned: dict[tuple[int, int, Match], Flow]) -> None:
     if depth > MAX_STEPS:
         raise RuntimeError("packet walk too deep: a loop in the pipeline?")
     flow = lookup(tables.get(table, []), table, pkt)
@@ -115,6 +150,11 @@ def _run(tables: dict[int, list[Flow]], pkt: Packet, table: int, result: Walk,
                                                     dst & ((1 << field_width(
                                                         action.dst_field)) - 1))
         elif isinstance(action, Resubmit | GotoTable):
-            _run(tables, pkt, action.table, result, depth + 1)
+            _run(tables, pkt, action.table, result, depth + 1, learned)
+        elif isinstance(action, Learn):
+            new = learn(action, pkt)
+            learned[new.key] = new
+            bucket = tables.setdefault(new.table, [])
+            bucket[:] = [f for f in bucket if f.key != new.key] + [new]
         else:
             raise NotImplementedError(f"walk: {action} is not simulated")

@@ -23,6 +23,7 @@ from typing import Any
 
 from ferry.lab.lab import Lab, LabError
 from ferry.lab.neutron import Neutron, NeutronError
+from ferry.model.objects import MIGRATION_MODE_KEY
 
 
 @dataclass
@@ -35,6 +36,7 @@ class MigrationRun:
     events: dict[str, float] = field(default_factory=dict)  # name → CLOCK_MONOTONIC ns
     wall: dict[str, float] = field(default_factory=dict)  # name → wall-clock seconds
     profile: dict[str, Any] = field(default_factory=dict)  # binding:profile before the move
+    mode: str = "?"  # the migration mode the destination decided at its claim
     record: dict[str, Any] | None = None  # the Migration record at the end, if readable
 
     def mark(self, name: str) -> None:
@@ -47,10 +49,12 @@ class MigrationRun:
 
 
 async def migrate(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float = 50.0,
-                  unplug_delay_ms: float = 100.0, plug_timeout: float = 10.0) -> MigrationRun:
+                  unplug_delay_ms: float = 100.0, plug_timeout: float = 10.0,
+                  mode: str | None = None) -> MigrationRun:
     """The whole sequence: :func:`pre_migration`, :func:`stop_and_resume`, a delay,
     :func:`post_migration`, then wait for the controllers to mark the migration done."""
-    run = await pre_migration(lab, api, vm, dest, plug_timeout=plug_timeout)
+    run = await pre_migration(lab, api, vm, dest, pause_ms=pause_ms,
+                              plug_timeout=plug_timeout, mode=mode)
     await stop_and_resume(lab, run)
     await asyncio.sleep(unplug_delay_ms / 1000)
     await unplug_source(lab, run)
@@ -61,10 +65,13 @@ async def migrate(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float
 
 
 async def pre_migration(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float = 50.0,
-                        plug_timeout: float | None = 10.0) -> MigrationRun:
+                        plug_timeout: float | None = 10.0,
+                        mode: str | None = None) -> MigrationRun:
     """Nova's pre-live-migration: an inactive binding for ``dest``, ``migrating_to``, and the
     destination VIF plugged with the VM not running there yet. Waits for the destination's
-    claim unless ``plug_timeout`` is None."""
+    claim unless ``plug_timeout`` is None; in live mode also until every chassis with a VM
+    has acknowledged its flows for the port (the destination ready before the VM resumes).
+    ``mode`` (spec or live) overrides the deployment's, through the binding's profile."""
     v = lab.vm(vm)
     active = v.active_vif
     if active is None:
@@ -76,16 +83,22 @@ async def pre_migration(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms:
     port = await api.get("port", v.port_id)
     run = MigrationRun(vm, v.port_id, source, dest, pause_ms,
                        profile=dict(port.get("binding:profile") or {}))
-    await api.create_binding(v.port_id, dest, vnic_type=port.get("binding:vnic_type",
-                                                                  "normal"))
+    await api.create_binding(v.port_id, dest,
+                             vnic_type=port.get("binding:vnic_type", "normal"),
+                             **({"profile": {MIGRATION_MODE_KEY: mode}} if mode else {}))
     await api.update("port", v.port_id, **{"binding:profile": {**run.profile,
                                                                 "migrating_to": dest}})
     run.mark("binding_created")
     await asyncio.to_thread(lab.plug_vif, vm, dest, False)
     run.mark("dest_plugged")
     if plug_timeout is not None:
-        await wait_claimed(api, v.port_id, dest, plug_timeout)
+        m = await wait_claimed(api, v.port_id, dest, plug_timeout)
+        run.mode = m["mode"]
         run.mark("dest_claimed")
+        if run.mode == "live":
+            hosts = {vif.chassis for other in lab.state.vms for vif in other.vifs}
+            await wait_acked(api, v.port_id, hosts, plug_timeout)
+            run.mark("dest_ready")
     return run
 
 
@@ -144,7 +157,8 @@ async def migration_record(api: Neutron, port_id: str) -> dict[str, Any] | None:
         raise
 
 
-async def wait_claimed(api: Neutron, port_id: str, dest: str, within: float) -> None:
+async def wait_claimed(api: Neutron, port_id: str, dest: str, within: float
+                       ) -> dict[str, Any]:
     """The destination controller has claimed the port (step 1 recorded). The API has no
     push channel: poll it, as Nova would wait for an event."""
     async with asyncio.timeout(within):
@@ -152,6 +166,17 @@ async def wait_claimed(api: Neutron, port_id: str, dest: str, within: float) -> 
             m = await migration_record(api, port_id)
             if m and m["dest_chassis"] == dest and m["status"] in ("plugged",
                                                                    "source_unplugged"):
+                return m
+            await asyncio.sleep(0.005)
+
+
+async def wait_acked(api: Neutron, port_id: str, chassis: set[str], within: float) -> None:
+    """Every one of ``chassis`` has acknowledged its flows for the claimed migration."""
+    async with asyncio.timeout(within):
+        while True:
+            m = await migration_record(api, port_id) or {}
+            stamps = m.get("timestamps", {})
+            if all(f"acked.{ch}.plugged" in stamps for ch in chassis):
                 return
             await asyncio.sleep(0.005)
 

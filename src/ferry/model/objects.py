@@ -448,6 +448,15 @@ class MigrationStatus(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
+class MigrationMode(StrEnum):
+    SPEC = "spec"  # the spec's three steps: flows switch when the source VIF goes away
+    LIVE = "live"  # bound to both chassis from step 1, activated in the datapath on resume
+
+
+MIGRATION_MODE_KEY = "ferry_migration_mode"
+"""binding:profile key that overrides the deployment's migration mode for one port."""
+
+
 class Migration(NbObject):
     """A port moving between chassis; its id is the port id (one migration per port)."""
 
@@ -456,6 +465,9 @@ class Migration(NbObject):
     source_chassis: str
     dest_chassis: str
     status: MigrationStatus = MigrationStatus.PLUGGED
+    mode: MigrationMode = Field(
+        default=MigrationMode.SPEC,
+        description="How every chassis forwards during the migration (decided at the claim).")
     timestamps: dict[str, float] = Field(
         default_factory=dict, description="Event name → wall-clock time it was seen."
     )

@@ -9,7 +9,7 @@ different location. Apps do no I/O and keep no state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ferry.core.topology import Location, Topology
@@ -21,6 +21,8 @@ from ferry.switch.flow import Flow
 class Context:
     topology: Topology
     tunnel_ofport: int | None
+    port_cookie: Callable[[App, LogicalPort], int]
+    """The cookie of an app's flows for a port: flows the datapath learns carry it too."""
 
 
 class App:

@@ -14,12 +14,16 @@ from ferry.core.pipeline import (
     REG_SRC_PORT,
     table,
 )
-from ferry.core.topology import Local, Location, Remote
+from ferry.core.topology import Both, Incoming, Local, Location, Outgoing, Remote
 from ferry.model.objects import LogicalPort, LogicalSwitch
 from ferry.switch.flow import (
     OFPP_IN_PORT,
     Flow,
     GotoTable,
+    Learn,
+    LearnLoadValue,
+    LearnMatchValue,
+    LearnOutput,
     Match,
     Move,
     Output,
@@ -41,21 +45,32 @@ class Classifier(App):
 
     def port_flows(self, ctx: Context, port: LogicalPort, net: LogicalSwitch,
                    loc: Location) -> Iterable[Flow]:
-        if isinstance(loc, Local):
-            yield Flow(table("classify"), 100, Match(in_port=loc.ofport), (
-                SetField(REG_SRC_PORT, port.tunnel_key),
-                SetField(REG_NETWORK, net.tunnel_key),
-                GotoTable(table("port_security")),
-            ))
+        if not isinstance(loc, Local | Outgoing | Incoming):
+            return
+        activate: tuple[Learn, ...] = ()
+        if isinstance(loc, Incoming):
+            # Live migration, destination: the VM's first frame here (its RARP on resume)
+            # installs its delivery flow, in the datapath, at once. That flow is exactly the
+            # one the L2 app wants once the port is simply local here: nothing to undo later.
+            activate = (Learn(table("egress"), priority=100,
+                              cookie=ctx.port_cookie(L2_APP, port),
+                              specs=(LearnMatchValue(REG_DST_PORT, port.tunnel_key),
+                                     LearnOutput("in_port_nxm"))),)
+        yield Flow(table("classify"), 100, Match(in_port=loc.ofport), (
+            *activate,
+            SetField(REG_SRC_PORT, port.tunnel_key),
+            SetField(REG_NETWORK, net.tunnel_key),
+            GotoTable(table("port_security")),
+        ))
 
     def network_flows(self, ctx: Context, net: LogicalSwitch) -> Iterable[Flow]:
-        if ctx.tunnel_ofport is None or not ctx.topology.local_ofports_of(net.id):
+        if ctx.tunnel_ofport is None or not ctx.topology.has_local_port(net.id):
             return
         yield Flow(table("classify"), 100,
                    Match(in_port=ctx.tunnel_ofport, tunnel_id=net.tunnel_key), (
                        SetField(REG_NETWORK, net.tunnel_key),
                        SetField(REG_FLAGS, FLAG_FROM_TUNNEL),
-                       GotoTable(table("l2_lookup")),
+                       GotoTable(table("tunnel_ingress")),
                    ))
 
 
@@ -66,7 +81,7 @@ class PortSecurity(App):
 
     def port_flows(self, ctx: Context, port: LogicalPort, net: LogicalSwitch,
                    loc: Location) -> Iterable[Flow]:
-        if not isinstance(loc, Local):
+        if not isinstance(loc, Local | Outgoing | Incoming):
             return
         t, nxt = table("port_security"), (GotoTable(table("arp_responder")),)
         key = port.tunnel_key
@@ -141,19 +156,59 @@ class L2(App):
                    loc: Location) -> Iterable[Flow]:
         if loc is None:
             return
+        key, egress, tun = port.tunnel_key, table("egress"), ctx.tunnel_ofport
         yield Flow(table("l2_lookup"), 100, Match(metadata=net.tunnel_key, eth_dst=port.mac), (
-            SetField(REG_DST_PORT, port.tunnel_key), GotoTable(table("egress"))))
+            SetField(REG_DST_PORT, key), GotoTable(egress)))
         if isinstance(loc, Local):
-            yield Flow(table("egress"), 100, Match(reg7=port.tunnel_key), (Output(loc.ofport),))
-        elif isinstance(loc, Remote) and ctx.tunnel_ofport is not None:
-            # Only traffic that entered here goes into a tunnel: never tunnel-to-tunnel.
-            yield Flow(table("egress"), 100, Match(reg7=port.tunnel_key, reg5=0),
-                       tuple(tunnel_to(net, loc.tunnel_ip, ctx.tunnel_ofport)))
+            yield Flow(egress, 100, Match(reg7=key), (Output(loc.ofport),))
+            return
+        if tun is None:
+            return
+        # Only traffic that entered here goes into a tunnel (reg5=0): never tunnel-to-tunnel.
+        if isinstance(loc, Remote):
+            yield Flow(egress, 100, Match(reg7=key, reg5=0), tunnel_to(net, loc, tun))
+        elif isinstance(loc, Incoming):
+            # Until the VM runs here, local senders still reach it on the source; traffic
+            # from tunnels is not delivered (the activation learns the delivery flow).
+            yield Flow(egress, 90, Match(reg7=key, reg5=0), tunnel_to(net, loc.source, tun))
+        elif isinstance(loc, Outgoing):
+            yield Flow(egress, 100, Match(reg7=key, reg5=0),
+                       (Output(loc.ofport), *tunnel_to(net, loc.dest, tun)))
+            yield Flow(egress, 100, Match(reg7=key, reg5=FLAG_FROM_TUNNEL), (Output(loc.ofport),))
+            yield self._follow(ctx, port, net, loc.dest, tun)
+        elif isinstance(loc, Both):
+            yield Flow(egress, 100, Match(reg7=key, reg5=0),
+                       (*tunnel_to(net, loc.source, tun), *tunnel_to(net, loc.dest, tun)))
+            yield self._follow(ctx, port, net, loc.dest, tun)
+
+    def _follow(self, ctx: Context, port: LogicalPort, net: LogicalSwitch, dest: Remote,
+                tun: int) -> Flow:
+        """Live migration, on every chassis but the destination: the first frame of the VM
+        arriving from its new chassis (its RARP, flooded) switches this chassis' traffic for
+        it to the new chassis only, and stops local delivery to the stopped copy. Matching on
+        the tunnel source keeps frames from the old chassis from learning anything, and makes
+        the first frame from the new one take the slow path, where learn runs."""
+        key, cookie = port.tunnel_key, ctx.port_cookie(self, port)
+        egress = table("egress")
+        to_dest = Learn(egress, priority=110, cookie=cookie, specs=(
+            LearnMatchValue(REG_DST_PORT, key), LearnMatchValue(REG_FLAGS, 0),
+            LearnLoadValue("tunnel_id", net.tunnel_key),
+            LearnLoadValue("tun_ipv4_dst", int(ipaddress.IPv4Address(dest.tunnel_ip))),
+            LearnOutput("in_port_nxm")))
+        no_local = Learn(egress, priority=110, cookie=cookie, specs=(
+            LearnMatchValue(REG_DST_PORT, key), LearnMatchValue(REG_FLAGS, FLAG_FROM_TUNNEL)))
+        return Flow(table("tunnel_ingress"), 100,
+                    Match(metadata=net.tunnel_key, eth_src=port.mac,
+                          tun_ipv4_src=dest.tunnel_ip),
+                    (to_dest, no_local, GotoTable(table("l2_lookup"))))
+
+    def static_flows(self, ctx: Context) -> Iterable[Flow]:
+        yield Flow(table("tunnel_ingress"), 0, Match(), (GotoTable(table("l2_lookup")),))
 
     def network_flows(self, ctx: Context, net: LogicalSwitch) -> Iterable[Flow]:
         topo = ctx.topology
         local = topo.local_ofports_of(net.id)
-        if not local:
+        if not topo.has_local_port(net.id):
             return
         lookup, flood = table("l2_lookup"), table("flood")
         yield Flow(lookup, 50, Match(metadata=net.tunnel_key, eth_dst=MULTICAST),
@@ -165,15 +220,17 @@ class L2(App):
         yield Flow(flood, 100, Match(metadata=net.tunnel_key, reg5=FLAG_FROM_TUNNEL), to_local)
         to_remote: list[SetField | Output] = []
         if ctx.tunnel_ofport is not None:
-            for ip in topo.remote_chassis_of(net.id).values():
-                to_remote += tunnel_to(net, ip, ctx.tunnel_ofport)
+            for name, ip in topo.remote_chassis_of(net.id).items():
+                to_remote += tunnel_to(net, Remote(name, ip), ctx.tunnel_ofport)
         yield Flow(flood, 50, Match(metadata=net.tunnel_key), (*to_local, *to_remote))
 
 
-def tunnel_to(net: LogicalSwitch, ip: str, tunnel_ofport: int) -> list[SetField | Output]:
-    ipaddress.IPv4Address(ip)  # Geneve over IPv4 underlays only, for now.
-    return [SetField("tunnel_id", net.tunnel_key), SetField("tun_ipv4_dst", ip),
-            Output(tunnel_ofport)]
+def tunnel_to(net: LogicalSwitch, to: Remote, tunnel_ofport: int) -> tuple[SetField | Output,
+                                                                             ...]:
+    ipaddress.IPv4Address(to.tunnel_ip)  # Geneve over IPv4 underlays only, for now.
+    return (SetField("tunnel_id", net.tunnel_key), SetField("tun_ipv4_dst", to.tunnel_ip),
+            Output(tunnel_ofport))
 
 
-ALL_APPS: tuple[App, ...] = (Classifier(), PortSecurity(), ArpResponder(), L2())
+L2_APP = L2()
+ALL_APPS: tuple[App, ...] = (Classifier(), PortSecurity(), ArpResponder(), L2_APP)
