@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,8 +74,9 @@ def convergence_ms(run: MigrationRun) -> float | None:
 async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients: list[str],
                         out: Path, pause_ms: float, unplug_delay_ms: float,
                         rate_hz: float) -> MigrationResult:
-    probe = Probe(lab, "vm", clients, out_dir=out / f"migration{number}", rate_hz=rate_hz,
-                  max_duration_s=60)
+    run_dir = out / f"migration{number}"
+    await asyncio.to_thread(shutil.rmtree, run_dir, True)  # a previous demo's records
+    probe = Probe(lab, "vm", clients, out_dir=run_dir, rate_hz=rate_hz, max_duration_s=60)
     await probe.astart()
     try:
         await probe.await_delivered(100)  # a baseline before the move
@@ -93,7 +95,8 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
 
 
 async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
-                   unplug_delay_ms: float, rate_hz: float, out: Path) -> list[MigrationResult]:
+                   unplug_delay_ms: float, rate_hz: float, out: Path,
+                   keep_lab: bool = False) -> list[MigrationResult]:
     lab = await asyncio.to_thread(Lab.create, chassis)
     console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}")
     try:
@@ -119,8 +122,11 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                               f"{_ms(r.beyond_pause_ms)} ms", highlight=False)
             return results
     finally:
-        await asyncio.to_thread(lab.destroy)
-        await asyncio.to_thread(destroy_leftovers, lab.prefix)
+        if keep_lab:
+            console.print(f"lab {lab.prefix} kept: ferry lab down --lab {lab.prefix}")
+        else:
+            await asyncio.to_thread(lab.destroy)
+            await asyncio.to_thread(destroy_leftovers, lab.prefix)
 
 
 def _ms(v: float | None) -> str:
@@ -157,13 +163,15 @@ def demo_command(
     rate_hz: Annotated[float, typer.Option(min=10, max=10000)] = 1000.0,
     out: Annotated[Path, typer.Option(help="Where the timelines and figures go.")] = Path(
         "out/demo"),
+    keep_lab: Annotated[bool, typer.Option(help="Leave the lab up afterwards (to look).")
+                        ] = False,
 ) -> None:
     """Migrate a VM back and forth on a lab of real OVS chassis and report the downtime."""
     if store not in ("memory", "etcd"):
         raise typer.BadParameter(f"{store!r}: memory or etcd", param_hint="--store")
     out.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(run_demo(chassis, store, migrations, pause_ms, unplug_delay_ms,
-                                   rate_hz, out))
+                                   rate_hz, out, keep_lab))
     console.print(summary(results, f"store {store}"))
     beyond = stats([r.beyond_pause_ms for r in results])
     conv = stats([r.converged_ms for r in results])

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from ferry.core.chassis import FlowDiff, FlowKey, diff_flows
 from ferry.switch.flow import Flow
-from ferry.switch.openflow import ConnectionLost, FlowModError, Switch
+from ferry.switch.openflow import ConnectionLost, FlowModError, Switch, UnsupportedFlow
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,15 @@ class FlowSync:
                 self._needs_dump = True
 
     async def _dump(self) -> None:
-        flows = await self.switch.dump_flows()
+        try:
+            flows = await self.switch.dump_flows()
+        except UnsupportedFlow as e:
+            # A flow on the bridge we cannot read back: keep working from what we know we
+            # installed rather than stop programming the switch.
+            log.error("chassis %s: cannot reconcile, the switch holds a flow Ferry cannot "
+                      "express: %s", self.chassis, e)
+            self._needs_dump = False
+            return
         self.installed = {f.key: f for f in flows if is_ferry_cookie(f.cookie, self.n_apps)}
         self._needs_dump = False
         log.info("chassis %s: reconciling against %d installed flows", self.chassis,

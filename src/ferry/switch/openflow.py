@@ -56,6 +56,8 @@ from ferry.switch.flow import (
     RegMove,
     Resubmit,
     SetField,
+    canonical_field,
+    field_width,
 )
 
 log = logging.getLogger(__name__)
@@ -438,7 +440,18 @@ def _decode_action(act: Any) -> Action:
                      fin_idle_timeout=act.fin_idle_timeout, fin_hard_timeout=act.fin_hard_timeout)
     if isinstance(act, parser.NXActionCT):
         return _decode_ct(act)
+    if isinstance(act, parser.NXActionRegLoad):
+        return _decode_reg_load(act)
     raise UnsupportedFlow(f"action {type(act).__name__} not expressible: {act}")
+
+
+def _decode_reg_load(act: Any) -> SetField:
+    """A Nicira load of a whole field, as flows learned by OVS carry them, is a set_field."""
+    field = canonical_field(act.dst)
+    ofs, n_bits = act.ofs_nbits >> 6, (act.ofs_nbits & 0x3F) + 1
+    if ofs != 0 or n_bits != field_width(field):
+        raise UnsupportedFlow(f"a load of part of a field is not expressible: {act}")
+    return SetField(field, act.value)
 
 
 def decode_flow_stats(stats: Any) -> Flow:

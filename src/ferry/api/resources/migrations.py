@@ -20,8 +20,8 @@ router = APIRouter(tags=["ferry-migrations"])
 def render(m: Migration) -> dict[str, Any]:
     return {"id": m.id, "port_id": m.port_id, "project_id": m.topic,
             "source_chassis": m.source_chassis, "dest_chassis": m.dest_chassis,
-            "status": m.status.value, "timestamps": dict(sorted(m.timestamps.items(),
-                                                                 key=lambda kv: kv[1])),
+            "status": m.status.value, "mode": m.mode.value,
+            "timestamps": dict(sorted(m.timestamps.items(), key=lambda kv: kv[1])),
             "revision_number": m.version}
 
 
