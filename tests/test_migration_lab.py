@@ -5,6 +5,8 @@ reaches the VM and every chassis' flow table equals that of a freshly started co
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +25,12 @@ from ferry.lab.migrate import (
 )
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
-from ferry.lab.services import spawn_controller, start_control_plane, stop_controller
+from ferry.lab.services import (
+    spawn_controller,
+    start_control_plane,
+    stop_controller,
+    wait_controllers,
+)
 from tests.labkit import eventually
 
 pytestmark = [pytest.mark.lab, pytest.mark.etcd, pytest.mark.asyncio(loop_scope="module")]
@@ -53,6 +60,7 @@ class Rig:
 
     async def assert_flows_equal_fresh_controllers(self) -> None:
         """Kill each controller, wipe its flows, start a new one: same flows come back."""
+        await asyncio.to_thread(wait_controllers, self.lab)
         for ch in CLIENTS.values():
             before = await asyncio.to_thread(self.flows, ch)
             await asyncio.to_thread(stop_controller, self.lab, ch)
@@ -89,6 +97,12 @@ async def rig() -> AsyncIterator[Rig]:
                 await boot(lab, api, name, port["id"], ch)
             yield r
     finally:
+        keep = os.environ.get("FERRY_TEST_LOGS")
+        if keep:  # the controllers' logs outlive the lab, for a post-mortem
+            await asyncio.to_thread(shutil.copytree, lab.state.lab_dir,
+                                    f"{keep}/{lab.prefix}", ignore=shutil.ignore_patterns(
+                                        "*.sock", "*.mgmt", "*.snoop", "*.ofp", "*.ctl",
+                                        "conf.db*"), dirs_exist_ok=True)
         await asyncio.to_thread(lab.destroy)
         await asyncio.to_thread(destroy_leftovers, lab.prefix)
 
@@ -126,8 +140,6 @@ async def test_step_two_lost_source_controller_stopped(rig: Rig) -> None:
     dest = await other_chassis(rig, "vm")
     run = await pre_migration(rig.lab, rig.api, "vm", dest)
     source_pid = rig.lab.chassis(run.source).controller.pid  # type: ignore[union-attr]
-    import os
-
     os.kill(source_pid, signal.SIGSTOP)
     try:
         await stop_and_resume(rig.lab, run)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -55,6 +56,11 @@ class AgentConfig:
     def controller_socket(self) -> Path:
         return self.rundir / f"ferry-{self.chassis}.ofp"
 
+    @property
+    def synced_file(self) -> Path:
+        """Holds the agent's PID once its switch is reconciled with what it wants."""
+        return self.rundir / f"ferry-{self.chassis}.synced"
+
 
 class ChassisAgent:
     def __init__(self, config: AgentConfig, store: Store,
@@ -69,6 +75,7 @@ class ChassisAgent:
         self.flows = FlowSync(config.chassis, self.switch, self.core.desired,
                               len(self.core.apps), clock)
         self.switch.on_connected = self.flows.on_connected
+        self.flows.on_reconciled = self._mark_synced
         self.ovsdb = ChassisOvsdb(config.ovsdb_url, chassis=config.chassis, bridge=config.bridge)
         self.subs = Subscriptions(config.chassis, store, self._on_change)
         self._vif_names: dict[str, VifOnline] = {}
@@ -88,6 +95,7 @@ class ChassisAgent:
     async def start(self) -> None:
         cfg = self.config
         cfg.rundir.mkdir(parents=True, exist_ok=True)
+        cfg.synced_file.unlink(missing_ok=True)
         await self._register()
         await self.switch.listen(f"unix:{cfg.controller_socket}")
         await self.ovsdb.start()
@@ -107,6 +115,11 @@ class ChassisAgent:
         self.ready.set()
         log.info("chassis %s: ready (tunnel %s, geneve ofport %d)", self.name, cfg.tunnel_ip,
                  tunnel_ofport)
+
+    def _mark_synced(self) -> None:
+        tmp = self.config.synced_file.with_suffix(".tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        tmp.replace(self.config.synced_file)
 
     async def _register(self) -> None:
         cfg = self.config

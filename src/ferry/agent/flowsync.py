@@ -39,6 +39,8 @@ class FlowSync:
         self._acked_generation = -1
         self._needs_dump = True
         self.last_ack: float | None = None
+        self.on_reconciled: Callable[[], None] | None = None
+        """Called after the first sync that follows a dump (a (re)connect or a reconcile)."""
 
     def mark_dirty(self) -> None:
         self._generation += 1
@@ -72,12 +74,15 @@ class FlowSync:
             generation = self._generation
             try:
                 await self.switch.wait_connected()
-                if self._needs_dump:
+                dumped = self._needs_dump
+                if dumped:
                     await self._dump()
                 diff = diff_flows(self.desired(), self.installed)
                 if diff:
                     await self._send(diff)
                 self.last_ack = self.clock()
+                if dumped and self.on_reconciled is not None:
+                    self.on_reconciled()
                 async with self._synced:
                     self._acked_generation = generation
                     self._synced.notify_all()

@@ -28,6 +28,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -172,6 +173,7 @@ class Lab:
 
     def __init__(self, state: LabState) -> None:
         self.state = state
+        self._thread_lock = threading.RLock()
         self._txn_depth = 0
         self._gone = False
         self._owns_state = False  # this object wrote the state file (create)
@@ -249,7 +251,14 @@ class Lab:
 
     @contextmanager
     def _txn(self, new: bool = False) -> Iterator[None]:
-        """Hold the lab lock, work on fresh state, write it back (also if the block fails)."""
+        """Hold the lab lock, work on fresh state, write it back (also if the block fails).
+
+        The file lock serializes processes; ``_thread_lock`` serializes this object's threads
+        (it is re-entrant, so nested transactions of one thread go through)."""
+        with self._thread_lock:
+            yield from self._txn_locked(new)
+
+    def _txn_locked(self, new: bool) -> Iterator[None]:
         if self._txn_depth:
             self._txn_depth += 1
             try:

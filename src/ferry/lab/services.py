@@ -112,18 +112,27 @@ def start_control_plane(lab: Lab, store: str = "memory") -> None:
                             "--noauth"), log)
     lab.set_service("api", url, pid)
     for ch in lab.state.chassis:
-        spawn_controller(lab, ch.name)
+        spawn_controller(lab, ch.name, wait=False)
     wait_api(url, lab.state.services["api"].proc.pid, log)  # type: ignore[union-attr]
     wait_controllers(lab)
 
 
-def wait_controllers(lab: Lab, timeout: float = READY_TIMEOUT) -> None:
-    """Every chassis' controller has registered and connected its switch."""
+def wait_controllers(lab: Lab, timeout: float = READY_TIMEOUT,
+                     only: list[str] | None = None) -> None:
+    """Every chassis' controller (the process recorded for it) has connected its switch and
+    reconciled its flows."""
     deadline = time.monotonic() + timeout
+    lab.reload()
     for ch in lab.state.chassis:
+        if only is not None and ch.name not in only:
+            continue
+        synced = Path(ch.rundir) / f"ferry-{ch.name}.synced"
         while True:
-            out = lab.ovs(ch.name).vsctl("--columns=is_connected", "list", "controller")
-            if "true" in out:
+            try:
+                pid = int(synced.read_text())
+            except (OSError, ValueError):
+                pid = None
+            if ch.controller is not None and pid == ch.controller.pid:
                 break
             if ch.controller and not _alive(ch.controller.pid):
                 raise LabError(f"controller of {ch.name} died: "
@@ -169,8 +178,9 @@ async def serve(lab: Lab) -> None:
         server.should_exit = True
 
 
-def spawn_controller(lab: Lab, chassis: str) -> int:
-    """Start the chassis' controller process (etcd-backed labs) and record its PID."""
+def spawn_controller(lab: Lab, chassis: str, wait: bool = True) -> int:
+    """Start the chassis' controller process (etcd-backed labs), record its PID and, with
+    ``wait``, wait until it has reconciled its switch."""
     store = lab.service("store")
     if store is None or not store.url:
         raise LabError(f"lab {lab.prefix} has no external store: its controllers live in "
@@ -180,6 +190,8 @@ def spawn_controller(lab: Lab, chassis: str) -> int:
                             "--ovsdb", ch.ovsdb_url, "--tunnel-ip", ch.tunnel_ip,
                             "--rundir", ch.rundir), Path(ch.rundir) / "controller.log")
     lab.set_controller_pid(ch.name, pid)
+    if wait:
+        wait_controllers(lab, only=[ch.name])
     return pid
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -158,7 +159,7 @@ def write_state(state: LabState) -> None:
     """Write the state file atomically."""
     path = state_path(Path(state.base_dir), state.prefix)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
