@@ -43,6 +43,7 @@ class MigrationResult:
     reordered: int
     converged_ms: float | None  # step 2 seen → last chassis' flows acked
     plot: str
+    mode: str = "?"
 
 
 async def build(lab: Lab, api: Neutron, n_clients: int) -> tuple[str, list[str]]:
@@ -73,7 +74,7 @@ def convergence_ms(run: MigrationRun) -> float | None:
 
 async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients: list[str],
                         out: Path, pause_ms: float, unplug_delay_ms: float,
-                        rate_hz: float) -> MigrationResult:
+                        rate_hz: float, mode: str | None = None) -> MigrationResult:
     run_dir = out / f"migration{number}"
     await asyncio.to_thread(shutil.rmtree, run_dir, True)  # a previous demo's records
     probe = Probe(lab, "vm", clients, out_dir=run_dir, rate_hz=rate_hz, max_duration_s=60)
@@ -81,7 +82,7 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
     try:
         await probe.await_delivered(100)  # a baseline before the move
         run = await migrate(lab, api, "vm", dest, pause_ms=pause_ms,
-                            unplug_delay_ms=unplug_delay_ms)
+                            unplug_delay_ms=unplug_delay_ms, mode=mode)
         await probe.await_delivered(200, since_ns=int(run.events["done"]))
     finally:
         await probe.astop()
@@ -91,12 +92,16 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
     total = report.total
     return MigrationResult(number, run.source, run.dest, (pause[1] - pause[0]) / 1e6,
                            report.downtime_ms, report.downtime_beyond_pause_ms, total.lost,
-                           total.duplicated, total.reordered, convergence_ms(run), str(plot))
+                           total.duplicated, total.reordered, convergence_ms(run), str(plot),
+                           run.mode)
 
 
 async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                    unplug_delay_ms: float, rate_hz: float, out: Path,
-                   keep_lab: bool = False) -> list[MigrationResult]:
+                   keep_lab: bool = False,
+                   plan: list[tuple[str | None, float]] | None = None) -> list[MigrationResult]:
+    """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause)."""
+    plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
     console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}")
     try:
@@ -108,16 +113,16 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
             names = [ch.name for ch in lab.state.chassis]
             results = []
             here = names[0]
-            for i in range(migrations):
+            for i, (mode, pause) in enumerate(plan):
                 # Back and forth between the first two chassis, then across all of them.
                 dest = names[1] if here == names[0] else names[0]
                 if i >= 2 and len(names) > 2:
                     dest = names[(names.index(here) + 1) % len(names)]
-                r = await one_migration(lab, api, i + 1, dest, clients, out, pause_ms,
-                                        unplug_delay_ms, rate_hz)
+                r = await one_migration(lab, api, i + 1, dest, clients, out, pause,
+                                        unplug_delay_ms, rate_hz, mode)
                 results.append(r)
                 here = dest
-                console.print(f"migration {r.number}: {r.source} → {r.dest}: downtime "
+                console.print(f"migration {r.number} ({r.mode}): {r.source} → {r.dest}: downtime "
                               f"{_ms(r.downtime_ms)} ms, beyond the pause "
                               f"{_ms(r.beyond_pause_ms)} ms", highlight=False)
             return results
@@ -135,11 +140,12 @@ def _ms(v: float | None) -> str:
 
 def summary(results: list[MigrationResult], mode: str) -> Table:
     t = Table(title=f"live migration under a 1 kHz probe ({mode})")
-    for col in ("#", "move", "pause ms", "downtime ms", "beyond pause ms", "lost", "dup",
+    for col in ("#", "mode", "move", "pause ms", "downtime ms", "beyond pause ms", "lost", "dup",
                 "reord", "converged ms"):
         t.add_column(col, justify="right")
     for r in results:
-        t.add_row(str(r.number), f"{r.source} → {r.dest}", f"{r.pause_ms:.1f}",
+        move = f"{r.source[-1]}→{r.dest[-1]}" if r.source[-1].isdigit() else f"{r.source}→{r.dest}"
+        t.add_row(str(r.number), r.mode, move, f"{r.pause_ms:.1f}",
                   _ms(r.downtime_ms), _ms(r.beyond_pause_ms), str(r.lost), str(r.duplicated),
                   str(r.reordered), _ms(r.converged_ms))
     return t
