@@ -107,11 +107,16 @@ async def rig() -> AsyncIterator[Rig]:
         await asyncio.to_thread(destroy_leftovers, lab.prefix)
 
 
-async def test_a_b_a_then_a_b_c(rig: Rig) -> None:
+@pytest.mark.parametrize("mode", ["live", "spec"])
+async def test_a_b_a_then_a_b_c(rig: Rig, mode: str) -> None:
     await rig.reachable_from_everywhere("vm")
-    for dest in ("chassis-2", "chassis-1", "chassis-2", "chassis-3"):
-        run = await migrate(rig.lab, rig.api, "vm", dest, pause_ms=30, unplug_delay_ms=50)
+    start = await rig.where("vm")
+    others = [c for c in ("chassis-1", "chassis-2", "chassis-3") if c != start]
+    for dest in (others[0], start, others[0], others[1]):
+        run = await migrate(rig.lab, rig.api, "vm", dest, pause_ms=30, unplug_delay_ms=50,
+                            mode=mode)
         assert run.record is not None and run.record["status"] == "done", run.record
+        assert run.record["mode"] == mode
         assert await rig.where("vm") == dest
         await rig.reachable_from_everywhere("vm")
     await rig.assert_flows_equal_fresh_controllers()
