@@ -269,3 +269,11 @@ async def test_valid_objects_round_trip(nb: Northbound) -> None:
                                      floating_ip_address="172.24.4.9", port_id="p1",
                                      fixed_ip_address="10.0.0.5"))
     assert await nb.get(FloatingIP, "f") == fip
+
+
+@pytest.mark.parametrize("bad", ["0\x1f", " x", "x ", "a/b", "tab\there", ""])
+async def test_ids_and_topics_the_store_would_refuse_are_invalid(nb: Northbound,
+                                                                 bad: str) -> None:
+    await topo(nb)
+    await rejected(nb, lambda: nb.create(parse(SecurityGroup, {"id": "sg9", "topic": bad})),
+                   "topic", "printable")

@@ -64,8 +64,11 @@ class NbObject(BaseModel):
     @field_validator("id", "topic")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"{v!r} must be 1-255 characters, no '/' and no leading space")
+        # Ids and topics become store key segments: the store's own rule, checked here so
+        # that a bad one is a validation error (a 400), never a store failure.
+        if not _NAME.match(v) or v.strip() != v or not v.isprintable():
+            raise ValueError(f"{v!r} must be 1-255 printable characters, no '/' and no "
+                             "leading or trailing space")
         return v
 
     def to_doc(self) -> dict[str, Any]:

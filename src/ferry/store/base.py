@@ -78,8 +78,10 @@ class StoreUnavailable(StoreError):
 
 def check_name(kind: str, value: str) -> str:
     """Tables, ids and topics become key path segments: keep them plain."""
-    if not value or "/" in value or value.strip() != value or len(value) > 255:
-        raise ValueError(f"invalid {kind} {value!r}: must be 1-255 characters without '/'")
+    if (not value or "/" in value or value.strip() != value or len(value) > 255
+            or not value.isprintable()):
+        raise ValueError(f"invalid {kind} {value!r}: must be 1-255 printable characters "
+                         "without '/' or surrounding space")
     return value
 
 
