@@ -151,6 +151,15 @@ def ip(netns: str | None, *args: str, check: bool = True) -> subprocess.Complete
     return run(argv, check=check)
 
 
+def link_mac(netns: str | None, name: str) -> str:
+    """The link-layer address of a link."""
+    argv = in_netns(netns, ["cat", f"/sys/class/net/{name}/address"])
+    out = run(argv).stdout.strip()
+    if not out:
+        raise CommandError(argv, 0, f"no MAC address for {name}")
+    return out
+
+
 def link_exists(netns: str | None, name: str) -> bool:
     if netns is None:
         return (SYS_NET / name).exists()
