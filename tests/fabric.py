@@ -13,7 +13,15 @@ from typing import Any
 from ferry.core.chassis import ChassisCore
 from ferry.core.topology import Vif
 from ferry.core.walk import walk
-from ferry.model.objects import NbObject
+from ferry.model.objects import (
+    Chassis,
+    FixedIP,
+    LogicalPort,
+    LogicalSwitch,
+    NbObject,
+    PortBinding,
+    Subnet,
+)
 
 TUNNEL_OFPORT = 1
 CARRIED = ("eth_src", "eth_dst", "eth_type", "arp_op", "arp_spa", "arp_tpa", "arp_sha",
@@ -84,3 +92,26 @@ def fresh_copy(core: ChassisCore) -> ChassisCore:
     for vif in core.topology.vifs.values():
         new.vif_online(vif)
     return new
+
+
+P = "projA"
+
+
+def net1_port(id: str, key: int, mac: str, ip: str, bindings: list[PortBinding],
+              version: int = 1) -> LogicalPort:
+    """A port on the three-chassis fabric's network net1 (subnet s1, 10.0.0.0/24)."""
+    return LogicalPort(id=id, topic=P, network_id="net1", mac=mac, tunnel_key=key,
+                       version=version, bindings=bindings,
+                       fixed_ips=[FixedIP(subnet_id="s1", ip_address=ip)])  # type: ignore[arg-type]
+
+
+def three_chassis() -> Fabric:
+    """ch1..ch3 (tunnel IPs 192.168.254.1-3), each knowing all three, and network net1."""
+    f = Fabric()
+    for i in (1, 2, 3):
+        f.add_chassis(f"ch{i}", f"192.168.254.{i}")
+    for i in (1, 2, 3):
+        f.publish(Chassis(id=f"ch{i}", tunnel_ip=f"192.168.254.{i}", version=1))
+    f.publish(LogicalSwitch(id="net1", topic=P, tunnel_key=5, version=1),
+              Subnet(id="s1", topic=P, network_id="net1", cidr="10.0.0.0/24", version=1))
+    return f

@@ -79,10 +79,14 @@ class LabRig:
         return int(r.stdout)
 
     def flows_of(self, ref: str | int) -> list[str]:
-        """br-int's flows without counters, sorted: comparable across restarts."""
-        out = self.lab.ovs(ref).ofctl("dump-flows", "br-int", "--no-stats")
-        lines = [re.sub(r"\s+", " ", line.strip()) for line in out.splitlines()]
-        return sorted(line for line in lines if line and not line.startswith("OFPST"))
+        return bridge_flows(self.lab, ref)
+
+
+def bridge_flows(lab: Lab, ref: str | int) -> list[str]:
+    """br-int's flows without counters, sorted: comparable across restarts."""
+    out = lab.ovs(ref).ofctl("dump-flows", "br-int", "--no-stats")
+    lines = [re.sub(r"\s+", " ", line.strip()) for line in out.splitlines()]
+    return sorted(line for line in lines if line and not line.startswith("OFPST"))
 
 
 async def make_port(nb: Northbound, id: str, net: str, sub: str, mac: str, ip: str,

@@ -10,19 +10,13 @@ from ferry.core.chassis import ChassisCore
 from ferry.core.topology import Vif
 from ferry.model.objects import (
     BindingStatus,
-    Chassis,
-    FixedIP,
-    LogicalPort,
-    LogicalSwitch,
     Migration,
     MigrationMode,
     MigrationStatus,
     PortBinding,
-    Subnet,
 )
-from tests.fabric import Fabric, fresh_copy
+from tests.fabric import P, fresh_copy, net1_port, three_chassis
 
-P = "projA"
 VM_MAC, VM_IP = "fa:16:3e:00:00:b1", "10.0.0.21"
 SRC, DST = ("ch2", 10), ("ch3", 20)
 CLIENTS = {"a1": ("ch1", 10, "fa:16:3e:00:00:a1", "10.0.0.11"),
@@ -30,24 +24,11 @@ CLIENTS = {"a1": ("ch1", 10, "fa:16:3e:00:00:a1", "10.0.0.11"),
            "a3": ("ch3", 11, "fa:16:3e:00:00:a3", "10.0.0.13")}
 
 
-def port(id: str, key: int, mac: str, ip: str, bindings: list[PortBinding],
-         version: int = 1) -> LogicalPort:
-    return LogicalPort(id=id, topic=P, network_id="net1", mac=mac, tunnel_key=key,
-                       version=version, bindings=bindings,
-                       fixed_ips=[FixedIP(subnet_id="s1", ip_address=ip)])  # type: ignore[arg-type]
-
-
 class Live:
     def __init__(self) -> None:
-        f = self.fab = Fabric()
-        for i in (1, 2, 3):
-            f.add_chassis(f"ch{i}", f"192.168.254.{i}")
-        for i in (1, 2, 3):
-            f.publish(Chassis(id=f"ch{i}", tunnel_ip=f"192.168.254.{i}", version=1))
-        f.publish(LogicalSwitch(id="net1", topic=P, tunnel_key=5, version=1),
-                  Subnet(id="s1", topic=P, network_id="net1", cidr="10.0.0.0/24", version=1))
+        f = self.fab = three_chassis()
         for i, (name, (ch, ofport, mac, ip)) in enumerate(CLIENTS.items()):
-            f.publish(port(name, 11 + i, mac, ip, [PortBinding(host=ch)]))
+            f.publish(net1_port(name, 11 + i, mac, ip, [PortBinding(host=ch)]))
             f.plug(ch, name, ofport)
         self.v = 1
         self.b1([PortBinding(host="ch2")])
@@ -56,7 +37,7 @@ class Live:
 
     def b1(self, bindings: list[PortBinding]) -> None:
         self.v += 1
-        self.fab.publish(port("b1", 21, VM_MAC, VM_IP, bindings, self.v))
+        self.fab.publish(net1_port("b1", 21, VM_MAC, VM_IP, bindings, self.v))
 
     def record(self, status: MigrationStatus) -> None:
         self.mv += 1

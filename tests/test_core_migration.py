@@ -11,41 +11,23 @@ import pytest
 from ferry.core.migration import Abandon, Claim, ClaimRefused, Complete, Intent, SourceGone
 from ferry.model.objects import (
     BindingStatus,
-    Chassis,
-    FixedIP,
     LogicalPort,
-    LogicalSwitch,
     Migration,
     MigrationStatus,
     PortBinding,
-    Subnet,
 )
-from tests.fabric import Fabric, fresh_copy
+from tests.fabric import P, fresh_copy, net1_port, three_chassis
 
-P = "projA"
 VM_MAC, VM_IP = "fa:16:3e:00:00:b1", "10.0.0.21"
-
-
-def port(id: str, key: int, mac: str, ip: str, bindings: list[PortBinding],
-         version: int = 1) -> LogicalPort:
-    return LogicalPort(id=id, topic=P, network_id="net1", mac=mac, tunnel_key=key,
-                       version=version, bindings=bindings,
-                       fixed_ips=[FixedIP(subnet_id="s1", ip_address=ip)])  # type: ignore[arg-type]
 
 
 class Run:
     """b1 migrates chassis-2 → chassis-3; a1 on ch1 and a2 on ch2 talk to it."""
 
     def __init__(self) -> None:
-        f = self.fab = Fabric()
-        for i in (1, 2, 3):
-            f.add_chassis(f"ch{i}", f"192.168.254.{i}")
-        for i in (1, 2, 3):
-            f.publish(Chassis(id=f"ch{i}", tunnel_ip=f"192.168.254.{i}", version=1))
-        f.publish(LogicalSwitch(id="net1", topic=P, tunnel_key=5, version=1),
-                  Subnet(id="s1", topic=P, network_id="net1", cidr="10.0.0.0/24", version=1))
-        f.publish(port("a1", 11, "fa:16:3e:00:00:a1", "10.0.0.11", [PortBinding(host="ch1")]),
-                  port("a2", 12, "fa:16:3e:00:00:a2", "10.0.0.12", [PortBinding(host="ch2")]))
+        f = self.fab = three_chassis()
+        f.publish(net1_port("a1", 11, "fa:16:3e:00:00:a1", "10.0.0.11", [PortBinding(host="ch1")]),
+                  net1_port("a2", 12, "fa:16:3e:00:00:a2", "10.0.0.12", [PortBinding(host="ch2")]))
         self.version = 1
         self.publish_b1([PortBinding(host="ch2")])
         f.plug("ch1", "a1", 10)
@@ -55,7 +37,7 @@ class Run:
 
     def publish_b1(self, bindings: list[PortBinding]) -> None:
         self.version += 1
-        self.fab.publish(port("b1", 21, VM_MAC, VM_IP, bindings, self.version))
+        self.fab.publish(net1_port("b1", 21, VM_MAC, VM_IP, bindings, self.version))
 
     def authorize(self) -> None:
         """What Nova does before plugging: an inactive binding for ch3, migrating_to=ch3."""

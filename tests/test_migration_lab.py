@@ -31,7 +31,7 @@ from ferry.lab.services import (
     stop_controller,
     wait_controllers,
 )
-from tests.labkit import eventually
+from tests.labkit import bridge_flows, eventually
 
 pytestmark = [pytest.mark.lab, pytest.mark.etcd, pytest.mark.asyncio(loop_scope="module")]
 
@@ -54,9 +54,7 @@ class Rig:
                              what=f"{c} → {vm}")
 
     def flows(self, chassis: str) -> list[str]:
-        out = self.lab.ovs(chassis).ofctl("dump-flows", "br-int", "--no-stats")
-        return sorted(" ".join(line.split()) for line in out.splitlines()
-                      if line.strip() and not line.startswith("OFPST"))
+        return bridge_flows(self.lab, chassis)
 
     async def assert_flows_equal_fresh_controllers(self) -> None:
         """Kill each controller, wipe its flows, start a new one: same flows come back."""

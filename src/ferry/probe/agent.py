@@ -293,6 +293,12 @@ def _set_up(sock: socket.socket, dev: str, up: bool) -> None:
     fcntl.ioctl(sock, SIOCSIFFLAGS, _IFREQ.pack(name, flags))
 
 
+def _sleep_until(due_ns: int) -> None:
+    """Sleep, then spin for the last 0.2 ms, until CLOCK_MONOTONIC reaches ``due_ns``."""
+    while (left := due_ns - time.monotonic_ns()) > 0:
+        time.sleep(left / 1e9 if left > 200_000 else 0)
+
+
 def run_flap(args: argparse.Namespace) -> int:
     """Take ``--dev`` down for ``--down-ms`` and up again (one ioctl each, so the printed
     times bracket the outage within microseconds); print them as JSON."""
@@ -302,9 +308,7 @@ def run_flap(args: argparse.Namespace) -> int:
     t0 = time.monotonic_ns()
     _set_up(sock, args.dev, False)
     t_down = time.monotonic_ns()
-    due = t0 + int(args.down_ms * 1e6)
-    while (left := due - time.monotonic_ns()) > 0:
-        time.sleep(left / 1e9 if left > 200_000 else 0)
+    _sleep_until(t0 + int(args.down_ms * 1e6))
     t_up0 = time.monotonic_ns()
     _set_up(sock, args.dev, True)
     t1 = time.monotonic_ns()
@@ -332,9 +336,7 @@ def run_move(args: argparse.Namespace) -> int:
     t0 = time.monotonic_ns()
     _set_up(sock, args.down, False)
     t_down = time.monotonic_ns()
-    due = t0 + int(args.pause_ms * 1e6)
-    while (left := due - time.monotonic_ns()) > 0:
-        time.sleep(left / 1e9 if left > 200_000 else 0)
+    _sleep_until(t0 + int(args.pause_ms * 1e6))
     t_up0 = time.monotonic_ns()
     _set_up(sock, args.up, True)
     t_up = time.monotonic_ns()
