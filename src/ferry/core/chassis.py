@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ferry.core import migration
+from ferry.core.apps import ALL_APPS
 from ferry.core.apps.base import App, Context
-from ferry.core.apps.l2 import ALL_APPS
 from ferry.core.migration import Intent
 from ferry.core.pipeline import check_flow
 from ferry.core.topology import Location, Placed, Topology, Vif

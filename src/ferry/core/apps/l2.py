@@ -83,7 +83,7 @@ class PortSecurity(App):
                    loc: Location) -> Iterable[Flow]:
         if not isinstance(loc, Local | Outgoing | Incoming):
             return
-        t, nxt = table("port_security"), (GotoTable(table("arp_responder")),)
+        t, nxt = table("port_security"), (GotoTable(table("sg_egress")),)
         key = port.tunnel_key
         if not port.port_security_enabled:
             yield Flow(t, 100, Match(reg6=key), nxt)
@@ -158,7 +158,7 @@ class L2(App):
             return
         key, egress, tun = port.tunnel_key, table("egress"), ctx.tunnel_ofport
         yield Flow(table("l2_lookup"), 100, Match(metadata=net.tunnel_key, eth_dst=port.mac), (
-            SetField(REG_DST_PORT, key), GotoTable(egress)))
+            SetField(REG_DST_PORT, key), GotoTable(table("sg_ingress"))))
         if isinstance(loc, Local):
             yield Flow(egress, 100, Match(reg7=key), (Output(loc.ofport),))
             return
@@ -233,4 +233,3 @@ def tunnel_to(net: LogicalSwitch, to: Remote, tunnel_ofport: int) -> tuple[SetFi
 
 
 L2_APP = L2()
-ALL_APPS: tuple[App, ...] = (Classifier(), PortSecurity(), ArpResponder(), L2_APP)
