@@ -68,7 +68,14 @@ class Both:
     dest: Remote
 
 
-Placed = Local | Remote | Outgoing | Incoming | Both
+@dataclass(frozen=True)
+class Distributed:
+    """A router's interface: present on every chassis that hosts its network."""
+
+
+ROUTER_INTERFACE_OWNERS = ("network:router_interface", "network:router_interface_distributed")
+
+Placed = Local | Remote | Outgoing | Incoming | Both | Distributed
 Location = Placed | None
 
 
@@ -115,6 +122,8 @@ class Topology:
         chassis) is nowhere. A VIF plugged here for a port bound elsewhere does not make the
         port local: no chassis takes a port it was not given.
         """
+        if port.device_owner in ROUTER_INTERFACE_OWNERS:
+            return Distributed() if port.admin_state_up else None
         host = self.effective_host(port)
         if host is None or not port.admin_state_up:
             return None

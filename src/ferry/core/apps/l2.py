@@ -14,7 +14,15 @@ from ferry.core.pipeline import (
     REG_SRC_PORT,
     table,
 )
-from ferry.core.topology import Both, Incoming, Local, Location, Outgoing, Remote
+from ferry.core.topology import (
+    Both,
+    Distributed,
+    Incoming,
+    Local,
+    Location,
+    Outgoing,
+    Remote,
+)
 from ferry.model.objects import LogicalPort, LogicalSwitch
 from ferry.switch.flow import (
     OFPP_IN_PORT,
@@ -157,6 +165,11 @@ class L2(App):
         if loc is None:
             return
         key, egress, tun = port.tunnel_key, table("egress"), ctx.tunnel_ofport
+        if isinstance(loc, Distributed):
+            # A router interface: the router is on every chassis; route where the packet is.
+            yield Flow(table("l2_lookup"), 100, Match(metadata=net.tunnel_key, eth_dst=port.mac),
+                       (SetField(REG_DST_PORT, key), GotoTable(table("l3_route"))))
+            return
         yield Flow(table("l2_lookup"), 100, Match(metadata=net.tunnel_key, eth_dst=port.mac), (
             SetField(REG_DST_PORT, key), GotoTable(table("sg_ingress"))))
         if isinstance(loc, Local):
