@@ -18,6 +18,7 @@ from ferry.model.objects import (
     LogicalRouter,
     LogicalSwitch,
     Migration,
+    PortBinding,
     RouterPort,
     SecurityGroup,
     SecurityGroupRule,
@@ -277,3 +278,12 @@ async def test_ids_and_topics_the_store_would_refuse_are_invalid(nb: Northbound,
     await topo(nb)
     await rejected(nb, lambda: nb.create(parse(SecurityGroup, {"id": "sg9", "topic": bad})),
                    "topic", "printable")
+
+
+async def test_ports_on_a_chassis(nb: Northbound) -> None:
+    await topo(nb)
+    p1 = await nb.get(LogicalPort, "p1")
+    assert p1 is not None
+    await nb.update(p1.model_copy(update={"bindings": (PortBinding(host="ch2"),)}))
+    bound = await nb.ports_on("ch2")
+    assert [p.id for p in bound] == ["p1"] and await nb.ports_on("ch1") == []

@@ -196,3 +196,10 @@ async def test_non_json_data_is_refused(store: Store) -> None:
     with pytest.raises(TypeError):
         await store.create("port", "p1", "projA", {"x": object()})
     assert await store.get("port", "p1") is None
+
+
+async def test_list_where_indexes_into_lists(store: Store) -> None:
+    await store.create("port", "p1", "projA", {"bindings": [{"host": "ch1"}]})
+    await store.create("port", "p2", "projA", {"bindings": [{"host": "ch2"}]})
+    await store.create("port", "p3", "projA", {"bindings": []})
+    assert [r.id for r in await store.list("port", where={"bindings.0.host": "ch2"})] == ["p2"]

@@ -121,6 +121,10 @@ class Northbound:
         recs = await self.store.list(cls.TABLE, topic=topic, where=where)
         return [parse(cls, {**r.data, "version": r.version}) for r in recs]
 
+    async def ports_on(self, chassis: str, topic: str | None = None) -> list[LogicalPort]:
+        """Ports whose active binding is on ``chassis`` (the "ports on chassis X" index)."""
+        return [p for p in await self.list(LogicalPort, topic=topic) if p.host == chassis]
+
     # -- writes ------------------------------------------------------------------------------
 
     async def create(self, obj: T) -> T:

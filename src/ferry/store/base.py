@@ -95,12 +95,16 @@ class Record:
     claims: tuple[str, ...] = ()
 
     def get(self, dotted: str) -> Any:
-        """A field by dotted path (``binding.chassis``), None where absent."""
+        """A field by dotted path (``binding.chassis``, ``bindings.0.host``), None where
+        absent."""
         value: Any = self.data
         for part in dotted.split("."):
-            if not isinstance(value, Mapping):
+            if isinstance(value, Mapping):
+                value = value.get(part)
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
                 return None
-            value = value.get(part)
         return value
 
 
