@@ -9,6 +9,7 @@ the reason, and nothing is written.
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -121,7 +122,7 @@ class Northbound:
         recs = await self.store.list(cls.TABLE, topic=topic, where=where)
         return [parse(cls, {**r.data, "version": r.version}) for r in recs]
 
-    async def ports_on(self, chassis: str, topic: str | None = None) -> list[LogicalPort]:
+    async def ports_on(self, chassis: str, topic: str | None = None) -> builtins.list[LogicalPort]:
         """Ports whose active binding is on ``chassis`` (the "ports on chassis X" index)."""
         return [p for p in await self.list(LogicalPort, topic=topic) if p.host == chassis]
 
