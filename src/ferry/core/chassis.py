@@ -21,10 +21,12 @@ from ferry.core.topology import Location, Placed, Topology, Vif
 from ferry.model.objects import (
     Chassis,
     LogicalPort,
+    LogicalRouter,
     LogicalSwitch,
     Migration,
     MigrationMode,
     NbObject,
+    Subnet,
 )
 from ferry.switch.flow import Flow, FlowError
 
@@ -142,6 +144,40 @@ class ChassisCore:
         return events
 
     def _changed(self, old: NbObject | None, new: NbObject | None) -> list[Output]:
+        events = self._changed_l2(old, new)
+        for owner in sorted(self._routing_dependents(old, new)):
+            self._compute(owner)
+        return events
+
+    def _routing_dependents(self, old: NbObject | None, new: NbObject | None) -> set[Owner]:
+        """What routing recomputes when a router, or a port, subnet or network one lists,
+        changes: the router's interface ports (each owns what leaves the router through it,
+        from all its interfaces) and every port of its networks (their l3_nexthop entries
+        exist only where a router is), for the router before and after the change."""
+        topo = self.topology
+        routers: list[LogicalRouter] = []
+        for obj in (old, new):
+            if isinstance(obj, LogicalRouter):
+                routers.append(obj)
+            elif isinstance(obj, LogicalPort):
+                routers += topo.routers_touching(port_id=obj.id)
+            elif isinstance(obj, Subnet):
+                routers += topo.routers_touching(subnet_id=obj.id)
+            elif isinstance(obj, LogicalSwitch):
+                routers += topo.routers_touching(network_id=obj.id)
+        owners: set[Owner] = set()
+        nets: set[str] = set()
+        for router in routers:
+            for rp in router.ports:
+                owners.add(("port", rp.port_id))
+                for o in (topo.get(Subnet, rp.subnet_id), topo.get(LogicalPort, rp.port_id)):
+                    if o is not None:
+                        nets.add(o.network_id)
+        for net in nets:
+            owners |= {("port", p.id) for p in topo.ports_of(net)}
+        return owners
+
+    def _changed_l2(self, old: NbObject | None, new: NbObject | None) -> list[Output]:
         obj = new if new is not None else old
         topo = self.topology
         if isinstance(obj, LogicalPort | Migration):

@@ -13,11 +13,13 @@ from typing import TypeVar
 from ferry.model.objects import (
     Chassis,
     LogicalPort,
+    LogicalRouter,
     LogicalSwitch,
     Migration,
     MigrationMode,
     MigrationStatus,
     NbObject,
+    Subnet,
 )
 
 T = TypeVar("T", bound=NbObject)
@@ -205,6 +207,46 @@ class Topology:
     def has_local_port(self, network_id: str) -> bool:
         return any(isinstance(self.locate(p), Local | Outgoing | Incoming)
                    for p in self.ports_of(network_id))
+
+    # -- routers (read-only views for the L3 app and for what a change must recompute) -------
+
+    def router_interfaces(self, router: LogicalRouter) -> list[tuple[LogicalPort, Subnet]]:
+        """The interfaces a router routes through here, in the router's order: its port and
+        subnet both known, the port an interface that is up (Distributed) on the subnet's
+        network. An interface the API is still adding or removing (router and port are two
+        writes) is left out until both sides agree."""
+        if not router.admin_state_up:
+            return []
+        out = []
+        for rp in router.ports:
+            port, subnet = self.get(LogicalPort, rp.port_id), self.get(Subnet, rp.subnet_id)
+            if (port is not None and subnet is not None
+                    and port.network_id == subnet.network_id
+                    and isinstance(self.locate(port), Distributed)):
+                out.append((port, subnet))
+        return out
+
+    def routers_of_network(self, network_id: str) -> list[LogicalRouter]:
+        """Routers with an interface (as ``router_interfaces`` sees it) on the network."""
+        return [r for r in self._routers()
+                if any(p.network_id == network_id for p, _ in self.router_interfaces(r))]
+
+    def routers_touching(self, network_id: str | None = None, subnet_id: str | None = None,
+                         port_id: str | None = None) -> list[LogicalRouter]:
+        """Routers that list the port, the subnet, or a subnet or port of the network,
+        whether or not those are known yet: what a change of one of them may affect."""
+        out = []
+        for r in self._routers():
+            for rp in r.ports:
+                subnet, port = self.get(Subnet, rp.subnet_id), self.get(LogicalPort, rp.port_id)
+                nets = {o.network_id for o in (subnet, port) if o is not None}
+                if rp.port_id == port_id or rp.subnet_id == subnet_id or network_id in nets:
+                    out.append(r)
+                    break
+        return out
+
+    def _routers(self) -> list[LogicalRouter]:
+        return sorted(self.table(LogicalRouter).values(), key=lambda r: r.id)
 
 
 def authorized(port: LogicalPort, chassis: str) -> bool:
