@@ -12,7 +12,7 @@ from typing import Any
 
 from ferry.core.chassis import ChassisCore
 from ferry.core.topology import Vif
-from ferry.core.walk import walk
+from ferry.core.walk import Conntrack, walk
 from ferry.model.objects import (
     Chassis,
     FixedIP,
@@ -26,7 +26,8 @@ from ferry.model.objects import (
 TUNNEL_OFPORT = 1
 CARRIED = ("eth_src", "eth_dst", "eth_type", "arp_op", "arp_spa", "arp_tpa", "arp_sha",
            "arp_tha", "ipv4_src", "ipv4_dst", "ip_proto", "udp_src", "udp_dst", "tcp_src",
-           "tcp_dst", "icmpv4_type")
+           "tcp_dst", "icmpv4_type", "icmpv4_code", "ipv6_src", "ipv6_dst", "icmpv6_type",
+           "icmpv6_code")
 
 
 @dataclass
@@ -35,11 +36,14 @@ class Fabric:
     tunnel_ips: dict[str, str] = field(default_factory=dict)
     learned: dict[str, dict[Any, Any]] = field(default_factory=dict)
     """Flows each chassis' datapath learned (learn actions), as OVS keeps them."""
+    conntrack: dict[str, Conntrack] = field(default_factory=dict)
+    """Each chassis' connection tracker (not shared: a migration does not carry it)."""
 
     def add_chassis(self, name: str, tunnel_ip: str) -> ChassisCore:
         core = ChassisCore(name, tunnel_ofport=TUNNEL_OFPORT)
         self.cores[name] = core
         self.learned[name] = {}
+        self.conntrack[name] = Conntrack()
         self.tunnel_ips[tunnel_ip] = name
         return core
 
@@ -71,7 +75,8 @@ class Fabric:
         assert hops < 4, "packet bounced between chassis"
         flows = list(self.cores[chassis].desired().values())
         my_ip = next(ip for ip, name in self.tunnel_ips.items() if name == chassis)
-        for d in walk(flows, pkt, learned=self.learned[chassis]).outputs:
+        for d in walk(flows, pkt, learned=self.learned[chassis],
+                      conntrack=self.conntrack[chassis]).outputs:
             if d.port == TUNNEL_OFPORT:
                 dst = self.tunnel_ips[d.packet["tun_ipv4_dst"]]
                 assert dst != chassis, "tunnelled to itself"

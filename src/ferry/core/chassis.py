@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ferry.core import migration
-from ferry.core.apps import ALL_APPS
+from ferry.core.apps import ALL_APPS, security
 from ferry.core.apps.base import App, Context
 from ferry.core.migration import Intent
 from ferry.core.pipeline import check_flow
@@ -26,6 +26,8 @@ from ferry.model.objects import (
     Migration,
     MigrationMode,
     NbObject,
+    SecurityGroup,
+    SecurityGroupRule,
     Subnet,
 )
 from ferry.switch.flow import Flow, FlowError
@@ -101,15 +103,17 @@ class ChassisCore:
         return self.recompute_all()
 
     def vif_online(self, vif: Vif) -> list[Output]:
+        zones = security.ct_zones(self.topology)
         self.topology.vifs[vif.iface_id] = vif
-        out = self._refresh_ports([vif.iface_id])
+        out = self._refresh_ports([vif.iface_id, *self._rezoned(zones)])
         port = self.topology.get(LogicalPort, vif.iface_id)
         return out + (migration.on_vif_online(self.topology, port) if port else [])
 
     def vif_offline(self, iface_id: str) -> list[Output]:
+        zones = security.ct_zones(self.topology)
         if self.topology.vifs.pop(iface_id, None) is None:
             return []
-        out = self._refresh_ports([iface_id])
+        out = self._refresh_ports([iface_id, *self._rezoned(zones)])
         port = self.topology.get(LogicalPort, iface_id)
         return out + (migration.on_vif_offline(self.topology, port) if port else [])
 
@@ -190,6 +194,8 @@ class ChassisCore:
             self._compute(("port", port_id))
             for net in nets:
                 self._compute(("network", net))
+            for pid in security.affected_ports(topo, old, new):
+                self._compute(("port", pid))
             if port is not None:
                 events += migration.on_port_changed(topo, port)
             return events
@@ -198,6 +204,11 @@ class ChassisCore:
             ports = [p.id for p in topo.ports_of(obj.id)]
             for p in ports:
                 self._compute(("port", p))
+            return []
+        if isinstance(obj, SecurityGroup | SecurityGroupRule):
+            # Members of the group, and ports whose rules name it as remote group.
+            for pid in security.affected_ports(topo, old, new):
+                self._compute(("port", pid))
             return []
         if isinstance(obj, Chassis):
             return self._refresh_ports(
@@ -216,6 +227,12 @@ class ChassisCore:
         for net in nets:
             self._compute(("network", net))
         return events
+
+    def _rezoned(self, before: dict[str, int]) -> list[str]:
+        """Ports whose conntrack zone changed since ``before`` (another VIF came or went and
+        collided with theirs): their security flows name the zone."""
+        after = security.ct_zones(self.topology)
+        return sorted(p for p in before.keys() & after.keys() if before[p] != after[p])
 
     def _relocate(self, port_ids: Iterable[str]) -> list[Output]:
         events: list[Output] = []

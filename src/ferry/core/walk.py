@@ -4,7 +4,9 @@ Used by tests to ask forwarding questions of the core's desired flows (which por
 packet, and which do not) and by several cores at once to follow a packet across Geneve
 tunnels. Packets are dicts of OXM field names to canonical values (see ``ferry.switch.flow``).
 Covers the actions the apps use: output (incl. IN_PORT), set_field, move, goto_table,
-resubmit. Prerequisites are not checked: real OVS tests do that.
+resubmit, learn, and ct (``Conntrack``: a connection table per chassis, commit, zones, and
+ct(table=N)'s fork into N with ct_state/ct_zone set). Prerequisites are not checked: real OVS
+tests do that.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.core.apps.security import CT_EST, CT_INV, CT_NEW, CT_RPL, CT_TRK
 from ferry.switch.flow import (
     OFPP_IN_PORT,
+    Ct,
     Flow,
     GotoTable,
     Learn,
@@ -53,6 +57,66 @@ class Walk:
         return [d.port for d in self.outputs]
 
 
+ConnKey = tuple[int, int, int | str, int | str, int, int]
+_ICMP_ANSWER = {(1, 8): 0, (1, 0): 8, (58, 128): 129, (58, 129): 128}
+_ICMP_REQUESTS = {(1, 8), (58, 128)}
+
+
+@dataclass
+class Conntrack:
+    """One chassis' connection tracker, as far as the apps rely on it: connections committed
+    per zone, in their original direction. A packet of a committed connection is +est (+rpl
+    when it travels the other way); anything else is +new, except ICMP that is not an echo
+    request (+inv). Like OVS's userspace tracker, a TCP segment without SYN may start a
+    connection (the walker has no TCP flags): that is what a chassis sees after a migration.
+    """
+
+    committed: set[tuple[int, ConnKey]] = field(default_factory=set)
+
+    def state(self, zone: int, pkt: Packet) -> int:
+        key = conn_key(pkt)
+        if (zone, key) in self.committed:
+            return CT_TRK | CT_EST
+        if (zone, reverse(key)) in self.committed:
+            return CT_TRK | CT_EST | CT_RPL
+        proto, icmp_type = key[1], key[4]
+        if proto in (1, 58) and (proto, icmp_type) not in _ICMP_REQUESTS:
+            return CT_TRK | CT_INV
+        return CT_TRK | CT_NEW
+
+    def commit(self, zone: int, pkt: Packet) -> None:
+        if self.state(zone, pkt) & CT_NEW:
+            self.committed.add((zone, conn_key(pkt)))
+
+    def zone(self, zone: int) -> set[ConnKey]:
+        return {k for z, k in self.committed if z == zone}
+
+
+def conn_key(pkt: Packet) -> ConnKey:
+    """(eth_type, proto, src, dst, sport, dport) of an IP packet; ICMP: (type, answer type)."""
+    eth_type = int(pkt.get("eth_type", 0))
+    if eth_type not in (0x0800, 0x86DD):
+        raise ValueError(f"walk: ct() on a non-IP packet: {pkt}")
+    v = "ipv4" if eth_type == 0x0800 else "ipv6"
+    proto = int(pkt.get("ip_proto", 0))
+    src = canonical_value(f"{v}_src", pkt.get(f"{v}_src", 0))
+    dst = canonical_value(f"{v}_dst", pkt.get(f"{v}_dst", 0))
+    if proto in (6, 17):
+        l4 = "tcp" if proto == 6 else "udp"
+        return (eth_type, proto, src, dst, int(pkt.get(f"{l4}_src", 0)),
+                int(pkt.get(f"{l4}_dst", 0)))
+    if proto in (1, 58):
+        t = int(pkt.get("icmpv4_type" if proto == 1 else "icmpv6_type", 0))
+        return (eth_type, proto, src, dst, t, _ICMP_ANSWER.get((proto, t), -1))
+    return (eth_type, proto, src, dst, 0, 0)
+
+
+def reverse(key: ConnKey) -> ConnKey:
+    """The key of the same connection's packets in the other direction."""
+    eth_type, proto, src, dst, a, b = key
+    return (eth_type, proto, dst, src, b, a)
+
+
 def _int(name: str, value: Any) -> int:
     """A field value as an integer (MACs and addresses parsed as the flows parse them)."""
     v = canonical_value(name, value)
@@ -86,19 +150,22 @@ def lookup(flows: Iterable[Flow], table: int, pkt: Packet) -> Flow | None:
 
 
 def walk(flows: Iterable[Flow], packet: Mapping[str, Any], table: int = 0,
-         learned: dict[tuple[int, int, Match], Flow] | None = None) -> Walk:
+         learned: dict[tuple[int, int, Match], Flow] | None = None,
+         conntrack: Conntrack | None = None) -> Walk:
     """Run ``packet`` (with ``in_port`` set) through ``flows`` from ``table``.
 
     ``learned`` holds the flows learn actions added (by key); they take part in lookups and
-    learn actions of this walk add to it, as OVS's datapath would."""
+    learn actions of this walk add to it, as OVS's datapath would. ``conntrack`` is the
+    chassis' connection table (a fresh one per walk if None)."""
     learned = {} if learned is None else learned
+    conntrack = Conntrack() if conntrack is None else conntrack
     by_key = {f.key: f for f in flows}
     by_key.update(learned)
     by_table: dict[int, list[Flow]] = {}
     for f in by_key.values():
         by_table.setdefault(f.table, []).append(f)
     result = Walk()
-    _run(by_table, dict(packet), table, result, 0, learned)
+    _run(_State(by_table, result, learned, conntrack), dict(packet), table, 0)
     return result
 
 
@@ -120,14 +187,36 @@ def learn(action: Learn, pkt: Packet) -> Flow:
     return Flow(action.table, action.priority, Match.of(fields), tuple(actions), action.cookie)
 
 
+def _ct(st: _State, action: Ct, pkt: Packet, depth: int) -> None:
+    """OVS's ct: commit if asked; with a table, fork: a copy with ct_state and ct_zone set
+    continues there, the packet itself goes on with the next action, untracked."""
+    if action.nat is not None:
+        raise NotImplementedError("walk: ct(nat) is not simulated")
+    state = st.conntrack.state(action.zone, pkt)
+    if action.commit:
+        st.conntrack.commit(action.zone, pkt)
+    if action.table is not None:
+        _run(st, {**pkt, "ct_state": state, "ct_zone": action.zone}, action.table, depth + 1)
+
+
 def _field_of(name: str) -> str:
     return "in_port" if name == "in_port_nxm" else name
 
 
-def _run(tables: dict[int, list[Flow]], pkt: Packet, table: int, result: Walk,
-         depth: int, learned: dict[tuple[int, int, Match], Flow]) -> None:
+@dataclass
+class _State:
+    """What one walk shares across tables, recirculations and forks."""
+
+    tables: dict[int, list[Flow]]
+    result: Walk
+    learned: dict[tuple[int, int, Match], Flow]
+    conntrack: Conntrack
+
+
+def _run(st: _State, pkt: Packet, table: int, depth: int) -> None:
     if depth > MAX_STEPS:
         raise RuntimeError("packet walk too deep: a loop in the pipeline?")
+    tables, result, learned = st.tables, st.result, st.learned
     flow = lookup(tables.get(table, []), table, pkt)
     if flow is None:
         return  # table miss: OpenFlow 1.3 drops
@@ -150,7 +239,9 @@ def _run(tables: dict[int, list[Flow]], pkt: Packet, table: int, result: Walk,
                                                     dst & ((1 << field_width(
                                                         action.dst_field)) - 1))
         elif isinstance(action, Resubmit | GotoTable):
-            _run(tables, pkt, action.table, result, depth + 1, learned)
+            _run(st, pkt, action.table, depth + 1)
+        elif isinstance(action, Ct):
+            _ct(st, action, pkt, depth)
         elif isinstance(action, Learn):
             new = learn(action, pkt)
             learned[new.key] = new
