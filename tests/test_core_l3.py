@@ -14,7 +14,7 @@ import pytest
 
 from ferry.core.chassis import ChassisCore
 from ferry.core.topology import Vif
-from ferry.core.walk import Walk, walk
+from ferry.core.walk import Conntrack, Walk, walk
 from ferry.model.objects import (
     BindingStatus,
     ExtraRoute,
@@ -27,6 +27,8 @@ from ferry.model.objects import (
     MigrationStatus,
     PortBinding,
     RouterPort,
+    SecurityGroup,
+    SecurityGroupRule,
     Subnet,
 )
 from ferry.switch.flow import DecTtl, Flow
@@ -62,7 +64,7 @@ class RoutedFabric(Fabric):
         assert hops < 4, "packet bounced between chassis"
         my_ip = next(ip for ip, name in self.tunnel_ips.items() if name == chassis)
         for port, sent in walk_ttl(list(self.cores[chassis].desired().values()), pkt,
-                                   self.learned[chassis]):
+                                   self.learned[chassis], conntrack=self.conntrack[chassis]):
             if port != TUNNEL_OFPORT:
                 out.append((chassis, port, sent))
                 continue
@@ -74,12 +76,13 @@ class RoutedFabric(Fabric):
 
 
 def walk_ttl(flows: list[Flow], pkt: dict[str, Any], learned: dict[Any, Any],
-             table: int = 0) -> list[tuple[int, dict[str, Any]]]:
+             table: int = 0, conntrack: Conntrack | None = None
+             ) -> list[tuple[int, dict[str, Any]]]:
     """``walk`` with dec_ttl applied to the outputs (see RoutedFabric)."""
     decrementing = {f.key for f in flows if DecTtl() in f.actions}
     plain = [Flow(f.table, f.priority, f.match, tuple(a for a in f.actions if a != DecTtl()),
                   f.cookie) for f in flows]
-    result: Walk = walk(plain, pkt, table, learned=learned)
+    result: Walk = walk(plain, pkt, table, learned=learned, conntrack=conntrack)
     decs = sum(1 for f in result.trace if f.key in decrementing)
     if decs == 0:
         return [(d.port, d.packet) for d in result.outputs]
@@ -122,6 +125,7 @@ def build(router_first: bool = False) -> RoutedFabric:
     base = three_chassis()
     f = RoutedFabric()
     f.cores, f.tunnel_ips, f.learned = base.cores, base.tunnel_ips, base.learned
+    f.conntrack = base.conntrack
     for net, (vni, sub, cidr) in NETS.items():
         f.publish(LogicalSwitch(id=net, topic=P, tunnel_key=vni, version=1),
                   Subnet(id=sub, topic=P, network_id=net, cidr=cidr, version=1,
@@ -237,6 +241,29 @@ def test_gateway_ping_is_answered_on_the_vms_chassis(fab: RoutedFabric, src: str
 def test_other_traffic_to_the_gateway_is_not_answered(fab: RoutedFabric) -> None:
     assert where(fab, "a1", "10.0.0.1") == []                         # UDP
     assert where(fab, "a1", "10.0.0.1", ip_proto=1, icmpv4_type=0) == []  # not a request
+
+
+# -- with security groups -------------------------------------------------------------------------
+
+
+def test_routed_packets_meet_the_destinations_security_groups(fab: RoutedFabric) -> None:
+    """b1 admits ICMP from net1 only; routing changes no address a rule looks at, so its
+    rules see the routed packet as sent, and the stateful reply goes back routed."""
+    fab.publish(SecurityGroup(id="sg", topic=P, version=1),
+                SecurityGroupRule(id="in", topic=P, security_group_id="sg",
+                                  direction="ingress", protocol="icmp",
+                                  remote_ip_prefix="10.0.0.0/24", version=1),  # type: ignore[arg-type]
+                SecurityGroupRule(id="out", topic=P, security_group_id="sg", direction="egress",
+                                  version=1))  # type: ignore[arg-type]
+    fab.publish(vm_port("b1", 2).model_copy(update={"security_groups": ("sg",)}))
+    assert where(fab, "a1", "10.0.1.21") == []                             # UDP: no rule
+    assert where(fab, "a1", "10.0.1.21", ip_proto=1, icmpv4_type=8) == at("b1")
+    reply = {**ip_packet("b1", "10.0.0.11"), "ip_proto": 1, "icmpv4_type": 0}
+    del reply["udp_src"], reply["udp_dst"]
+    _, ch, ofport, *_ = VMS["b1"]
+    assert fab.deliveries(ch, ofport, **reply) == at("a1")
+    # b2 (net2, through its gateway) is not in 10.0.0.0/24: not admitted.
+    assert where(fab, "b2", "10.0.1.21", ip_proto=1, icmpv4_type=8) == []
 
 
 # -- extra routes --------------------------------------------------------------------------------
