@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ferry.core.chassis import ChassisCore
+from ferry.core.pipeline import table
 from ferry.core.topology import Vif
 from ferry.core.walk import Conntrack, Walk, walk
 from ferry.model.objects import (
@@ -32,7 +33,9 @@ from ferry.model.objects import (
     Subnet,
 )
 from ferry.switch.flow import DecTtl, Flow
+from ferry.switch.openflow import Switch
 from tests.fabric import CARRIED, TUNNEL_OFPORT, Fabric, P, fresh_copy, three_chassis
+from tests.test_openflow import events, ovs, switch  # noqa: F401  (real OVS fixtures)
 
 TTL = "ip_ttl"
 """The walk's name for the IP TTL (OpenFlow has no field for it; dec_ttl is an action)."""
@@ -446,10 +449,9 @@ def test_same_events_twice_and_revert_leave_identical_tables(fab: RoutedFabric) 
 # -- IPv6: the same flows over the other address family ------------------------------------------
 
 
-def test_ipv6_routes_and_answers_echo_like_ipv4() -> None:
-    """IPv6 subnets on the same router: routed with the nexthop in xreg0:xreg1, echo
-    answered. Walked from l2_lookup on, as a VM's IPv6 passes port security and neighbour
-    discovery only once the L2 app handles them."""
+def dual_stack() -> RoutedFabric:
+    """The topology with IPv6 subnets added on net1 and net2 (their own interface ports, as
+    the API adds one per subnet) and an IPv6 address for b1."""
     f = build()
     v6 = {"net1": ("s61", "2001:db8:1::/64", "2001:db8:1::1", RI1_MAC6),
           "net2": ("s62", "2001:db8:2::/64", "2001:db8:2::1", RI2_MAC6)}
@@ -467,6 +469,14 @@ def test_ipv6_routes_and_answers_echo_like_ipv4() -> None:
     f.publish(r.model_copy(update={"version": 2, "ports": (
         *r.ports, RouterPort(port_id="ri16", subnet_id="s61"),
         RouterPort(port_id="ri26", subnet_id="s62"))}))
+    return f
+
+
+def test_ipv6_routes_and_answers_echo_like_ipv4() -> None:
+    """IPv6 subnets on the same router: routed with the nexthop in reg0..reg3, echo
+    answered. Walked from l2_lookup on, as a VM's IPv6 passes port security and neighbour
+    discovery only once the L2 app handles them."""
+    f = dual_stack()
     flows = list(f.cores["ch1"].desired().values())
     base = {"in_port": 10, "metadata": 5, "reg6": 11, "eth_src": VMS["a1"][3],
             "eth_dst": RI1_MAC6, "eth_type": 0x86DD, "ipv6_src": "2001:db8:1::11", "ip_proto": 17}
@@ -478,3 +488,15 @@ def test_ipv6_routes_and_answers_echo_like_ipv4() -> None:
     assert [(d.port, d.packet["icmpv6_type"], d.packet["ipv6_src"], d.packet["ipv6_dst"])
             for d in echo] == [(10, 129, "2001:db8:2::1", "2001:db8:1::11")]
     assert walk_ttl(flows, {**base, "ipv6_dst": "2001:db8:2::99"}, {}, table=30) == []
+
+
+@pytest.mark.ovs
+async def test_flows_read_back_from_ovs_exactly_as_written(switch: Switch) -> None:  # noqa: F811
+    """Flow sync compares what OVS reports with what the core wants: every L3 flow (IPv4
+    and IPv6: the nexthop registers, moves, ICMP rewrites) must come back unchanged."""
+    f = dual_stack()
+    flows = [fl for fl in f.cores["ch1"].desired().values()
+             if fl.table in (table("l3_route"), table("l3_nexthop"))]
+    assert {fl.match["eth_type"] for fl in flows} == {0x0800, 0x86DD}
+    await switch.apply(adds=flows)
+    assert set(await switch.dump_flows()) == set(flows)

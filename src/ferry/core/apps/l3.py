@@ -20,8 +20,9 @@ from every interface of its router; a VM port owns its l3_nexthop entries, where
 located (Local, Remote or mid-migration): where that is, is the L2 app's business alone.
 
 IPv4 and IPv6 are the same flows over an address family (``Family``): the nexthop is kept in
-reg0 (IPv4) or xreg0:xreg1 (IPv6, 128 bits). IPv6 also needs neighbour discovery answered for
-interface addresses (the ARP responder is IPv4 only today) before a VM can use its gateway.
+reg0 (IPv4) or reg0..reg3 (IPv6, OVS's xxreg0). Before a VM can use an IPv6 gateway, port
+security must let IPv6 out and neighbour discovery must be answered for interface addresses
+(both are IPv4-only in the L2 app today).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Family:
     echo_request: int
     echo_reply: int
     nexthop_regs: tuple[str, ...]
-    """Registers holding the nexthop, most significant first, 32 or 64 bits each."""
+    """Registers holding the nexthop, most significant first."""
 
     @property
     def width(self) -> int:
@@ -104,7 +105,9 @@ class Family:
 
 IPV4 = Family(4, 0x0800, "ipv4_src", "ipv4_dst", 1, "icmpv4_type", 8, 0, ("reg0",))
 IPV6 = Family(6, 0x86DD, "ipv6_src", "ipv6_dst", 58, "icmpv6_type", 128, 129,
-              ("xreg0", "xreg1"))
+              ("reg0", "reg1", "reg2", "reg3"))
+"""IPv6 nexthops in reg0..reg3 (OVS's xxreg0), as four 32-bit registers: OVS reports a match
+on xreg0 back as reg0 and reg1, and flows must read back exactly as written."""
 FAMILIES = {4: IPV4, 6: IPV6}
 REG_NEXTHOP = IPV4.nexthop_regs[0]
 
