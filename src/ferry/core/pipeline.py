@@ -9,6 +9,7 @@ Registers carry the logical context between tables:
   reg6      the logical source port's key (set by classification)
   reg7      the logical destination port's key (set by L2 lookup)
   reg5      flags; bit 0 = the packet came in from a tunnel
+  reg0      routing: the IPv4 next hop, from l3_route to l3_nexthop (reg0..reg3 for IPv6)
 """
 
 from __future__ import annotations
