@@ -25,7 +25,9 @@ from ferry.model.objects import (
     SecurityGroup,
     SecurityGroupRule,
 )
+from ferry.switch.openflow import Switch
 from tests.fabric import Fabric, P, fresh_copy, net1_port, three_chassis
+from tests.test_openflow import events, ovs, switch  # noqa: F401  (real OVS fixtures)
 
 PORTS = {  # name: (chassis, ofport, key, mac, ip, groups)
     "w1": ("ch1", 10, 11, "fa:16:3e:00:00:a1", "10.0.0.11", ("web",)),
@@ -306,3 +308,21 @@ def test_remote_group_flows_are_collapsed_prefixes(fab: Fabric) -> None:
     assert [str(n) for n in security.member_prefixes(topo, "web", 4)] == [
         "10.0.0.10/31", "10.0.0.21/32"]
 
+
+
+@pytest.mark.ovs
+async def test_flows_read_back_from_ovs_exactly_as_written(fab: Fabric,
+                                                           switch: Switch) -> None:  # noqa: F811
+    """Flow sync compares what OVS reports with what the core wants: every security flow
+    (ct actions and zones, masked ct_state and port ranges, IPv6, ICMP type/code) must come
+    back unchanged, or sync would never converge."""
+    fab.publish(rule("web-v6", "web", "ingress", ethertype="IPv6", protocol="tcp",
+                     port_range_min=1000, port_range_max=1999, remote_ip_prefix="2001:db8::/64"),
+                rule("web-icmp-type", "web", "ingress", protocol="icmp", port_range_min=8,
+                     port_range_max=0, remote_group_id="db"))
+    ours = {table(t) for t in ("sg_egress", "sg_egress_ct", "sg_ingress", "sg_ingress_ct")}
+    flows = [fl for name in ("ch1", "ch3") for fl in fab.cores[name].desired().values()
+             if fl.table in ours]
+    assert any(fl.match.get("eth_type") == 0x86DD and "tcp_dst" in fl.match for fl in flows)
+    await switch.apply(adds=flows)
+    assert set(await switch.dump_flows()) == set(flows)
