@@ -46,11 +46,14 @@ rules and committed. Either end's next packet therefore rebuilds the state as lo
 rules admit the direction it travels in: the originator's direction is admitted by the rule
 that admitted the connection in the first place, and with the default group (all egress,
 ingress from the group) both directions are. Left open: the responder speaking first towards
-a silent originator through rules that do not admit the reverse direction, and entries left
-in a zone by a previous stay of the same VIF (strict windows, see ``ct_zones``): the agent
-should flush a zone when it assigns it (OVN's approach) and may disable TCP sequence
-checking (``dpctl/ct-disable-tcp-seq-chk``, the userspace equivalent of the kernel's
-be_liberal for committed entries).
+a silent originator through rules that do not admit the reverse direction. And TCP windows:
+the destination commits the client's segments that reach it before the VM runs there (traffic
+goes to both chassis), without ever seeing the VM's side; past the window a pickup allows
+(about 64 kB) they become ``+inv`` and a busy connection dies (measured in the lab test); an
+entry left in the zone by the VM's previous stay on a chassis is as stale. The agent must
+therefore turn TCP sequence checking off (``dpctl/ct-disable-tcp-seq-chk``: the userspace
+datapath has no per-entry be_liberal, which the kernel datapath sets on commit and OVN relies
+on), and should flush a port's zone when the port becomes local (OVN flushes on assignment).
 
 IPv6.  Rules carry their ethertype: IPv4 rules match eth_type 0x0800 and ipv4_src/dst, IPv6
 rules 0x86dd and ipv6_src/dst, ICMP in an IPv6 rule means ICMPv6. (Port security does not let
