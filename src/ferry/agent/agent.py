@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ferry.agent.datapath import apply_conntrack_settings
 from ferry.agent.flowsync import FlowSync
 from ferry.agent.migrations import MigrationPublisher
 from ferry.agent.subscriptions import Change, Deleted, Resynced, Subscriptions, Updated
@@ -51,6 +52,16 @@ class AgentConfig:
     bridge_mappings: dict[str, str] = field(default_factory=dict)
     migration_mode: MigrationMode = MigrationMode.LIVE
     """How migrations this chassis claims are run (a port's binding profile may override)."""
+    ovs_rundir: Path | None = None
+    """ovs-vswitchd's run directory (its control socket); default: the OVSDB socket's."""
+
+    @property
+    def vswitchd_rundir(self) -> Path | None:
+        if self.ovs_rundir is not None:
+            return self.ovs_rundir
+        if self.ovsdb_url.startswith("unix:"):
+            return Path(self.ovsdb_url[5:]).parent
+        return None
 
     @property
     def controller_socket(self) -> Path:
@@ -74,7 +85,7 @@ class ChassisAgent:
         self.switch = Switch(f"{config.chassis}/{config.bridge}")
         self.flows = FlowSync(config.chassis, self.switch, self.core.desired,
                               len(self.core.apps), clock)
-        self.switch.on_connected = self.flows.on_connected
+        self.switch.on_connected = self._on_switch_connected
         self.flows.on_reconciled = self._mark_synced
         self.ovsdb = ChassisOvsdb(config.ovsdb_url, chassis=config.chassis, bridge=config.bridge)
         self.subs = Subscriptions(config.chassis, store, self._on_change)
@@ -115,6 +126,14 @@ class ChassisAgent:
         self.ready.set()
         log.info("chassis %s: ready (tunnel %s, geneve ofport %d)", self.name, cfg.tunnel_ip,
                  tunnel_ofport)
+
+    def _on_switch_connected(self, switch: Switch) -> None:
+        self.flows.on_connected(switch)
+        rundir = self.config.vswitchd_rundir
+        if rundir is not None:  # a (re)started ovs-vswitchd has forgotten its settings
+            task = asyncio.create_task(apply_conntrack_settings(self.name, rundir))
+            self._ack_tasks.add(task)
+            task.add_done_callback(self._ack_tasks.discard)
 
     def _mark_synced(self) -> None:
         tmp = self.config.synced_file.with_suffix(".tmp")
