@@ -14,6 +14,7 @@ import typer
 from ferry.agent.agent import AgentConfig, ChassisAgent
 from ferry.model.objects import MigrationMode
 from ferry.store import StoreURLError, open_store
+from ferry.switch.ovsdb import parse_bridge_mappings
 
 
 def setup_logging(level: str) -> None:
@@ -30,6 +31,10 @@ def controller_command(
         "/run/ferry"),
     bridge: Annotated[str, typer.Option(help="The integration bridge.")] = "br-int",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+    bridge_mappings: Annotated[str, typer.Option(
+        help="physnet:bridge[,...]: the physical networks this chassis reaches, each through "
+        "an existing OVS bridge (e.g. physnet1:br-ex); patch ports to br-int are made at "
+        "start.")] = "",
     migration_mode: Annotated[MigrationMode, typer.Option(
         help="live: bound to both chassis from the plug, activated in the datapath by the "
         "VM's first frame; spec: the spec's three steps only. A port's binding:profile "
@@ -45,12 +50,16 @@ def controller_command(
         raise typer.BadParameter(f"{ovsdb!r}: expected unix:PATH or tcp:HOST:PORT",
                                  param_hint="--ovsdb")
     try:
+        mappings = parse_bridge_mappings(bridge_mappings)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--bridge-mappings") from None
+    try:
         backend = open_store(store)
     except StoreURLError as e:
         raise typer.BadParameter(str(e), param_hint="--store") from None
     setup_logging(log_level)
     cfg = AgentConfig(chassis=chassis, tunnel_ip=tunnel_ip, ovsdb_url=ovsdb, rundir=rundir,
-                      bridge=bridge, migration_mode=migration_mode)
+                      bridge=bridge, bridge_mappings=mappings, migration_mode=migration_mode)
     asyncio.run(_run(ChassisAgent(cfg, backend)))
 
 

@@ -9,6 +9,13 @@ Layout of a lab with prefix ``P`` (all names carry it; interface names fit 15 ch
   default); a private ovsdb-server + ovs-vswitchd (run directory ``<base_dir>/P/chN``); and
   ``br-int`` (netdev, ``fail_mode=secure``) with no flows, no tunnel port and no controller:
   the controller's layers add those (:meth:`Lab.add_geneve_port` exists for plumbing tests);
+- the external network (a flat provider network, physical network ``physnet1``): Linux bridge
+  ``P-ex`` in the root namespace (no address), per chassis ``N`` a veth ``P-eN`` (root, on
+  ``P-ex``) / ``P-xN`` (chassis namespace, a port of the OVS netdev bridge ``br-ex``, in
+  NORMAL mode: the operator's physical bridge; the controller adds the patch ports to br-int
+  for its bridge mapping ``physnet1:br-ex``); and the ``outside`` host: namespace ``P-out``
+  whose ``eth0`` (veth peer ``P-o`` on ``P-ex``) holds ``172.24.4.1/24``, the external
+  subnet's gateway as a provider router would be;
 - namespace ``P-<vm>`` per VM: the guest side of one veth per chassis the VM is plugged on
   (``eth0``, then ``eth1``... during a migration), all with the VM's MAC, MTU and address; the
   host side (``tap<port id>``) is a port of that chassis' ``br-int`` with
@@ -73,6 +80,12 @@ DEFAULT_UNDERLAY_CIDR = "192.168.254.0/24"
 DEFAULT_VM_MTU = 1400  # leaves room for the Geneve encapsulation on a 1500-byte underlay
 INT_BRIDGE = "br-int"
 PHY_BRIDGE = "br-phy"
+EX_BRIDGE = "br-ex"
+EXTERNAL_PHYSNET = "physnet1"
+BRIDGE_MAPPINGS = {EXTERNAL_PHYSNET: EX_BRIDGE}
+"""Every lab chassis maps the external network's physical network to its br-ex."""
+OUTSIDE_CIDR = "172.24.4.1/24"
+OUTSIDE_MAC = "02:fe:00:00:04:01"
 OVS_DAEMONS = ("ovsdb-server", "ovs-vswitchd")
 MAX_SOCKET_PATH = 100  # sun_path is 108 bytes; keep a margin for "<bridge>.mgmt" and clients
 
@@ -307,6 +320,67 @@ class Lab:
             self._build_chassis(ch)
             write_state(st)
         self._warm_underlay()
+        self._build_external()
+
+    # -- the external network ---------------------------------------------------------------
+
+    @property
+    def external_bridge(self) -> str:
+        return f"{self.prefix}-ex"
+
+    @property
+    def outside_netns(self) -> str:
+        return f"{self.prefix}-out"
+
+    @property
+    def outside_ip(self) -> str:
+        return str(ipaddress.ip_interface(OUTSIDE_CIDR).ip)
+
+    def _build_external(self) -> None:
+        """The external network's wire (``P-ex``), br-ex on every chassis, the outside host.
+        Every root-namespace link is recorded (``extra_links``) before it exists."""
+        st = self.state
+        ex = self.external_bridge
+        outer = f"{self.prefix}-o"
+        links = [f"{self.prefix}-e{ch.index}" for ch in st.chassis] + [outer, ex]
+        st.extra_links += [link for link in links if link not in st.extra_links]
+        write_state(st)
+        nx.ip(None, "link", "add", ex, "type", "bridge", "stp_state", "0")
+        nx.sysctl(None, f"net.ipv6.conf.{ex}.disable_ipv6", "1")
+        nx.link_set(None, ex, "up")
+        for ch in st.chassis:
+            root, inner = f"{self.prefix}-e{ch.index}", f"{self.prefix}-x{ch.index}"
+            nx.veth_add(root, None, inner, ch.netns)
+            nx.sysctl(None, f"net.ipv6.conf.{root}.disable_ipv6", "1")
+            nx.link_set(None, root, "master", ex)
+            for ns, dev in ((None, root), (ch.netns, inner)):
+                nx.offloads_off(ns, dev)
+                nx.link_set(ns, dev, "up")
+            ovs = self.ovs(ch.name)
+            ovs.add_bridge(EX_BRIDGE)
+            ovs.vsctl("add-port", EX_BRIDGE, inner)
+        nx.netns_add(self.outside_netns)
+        nx.veth_add(outer, None, "eth0", self.outside_netns)
+        nx.sysctl(None, f"net.ipv6.conf.{outer}.disable_ipv6", "1")
+        nx.link_set(None, outer, "master", ex)
+        nx.link_set(self.outside_netns, "eth0", "address", OUTSIDE_MAC)
+        nx.ip(self.outside_netns, "addr", "add", OUTSIDE_CIDR, "dev", "eth0")
+        for ns, dev in ((None, outer), (self.outside_netns, "eth0")):
+            nx.offloads_off(ns, dev)
+            nx.link_set(ns, dev, "up")
+
+    def exec_outside(
+        self, argv: Sequence[str], *, check: bool = False, timeout: float | None = 30.0,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` on the outside host (its namespace); output captured as text."""
+        return nx.run(nx.in_netns(self.outside_netns, argv), check=check, timeout=timeout,
+                      input=input)
+
+    def popen_outside(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` on the outside host in the background (:meth:`destroy` kills
+        whatever still runs there)."""
+        return subprocess.Popen(nx.in_netns(self.outside_netns, argv), **kwargs)
 
     def _warm_underlay(self) -> None:
         """Give every chassis' OVS its underlay neighbours now. OVS's userspace tunnelling
@@ -416,6 +490,14 @@ class Lab:
             "underlay": {"bridge": st.underlay_bridge, "cidr": st.underlay_cidr,
                          "exists": nx.link_exists(None, st.underlay_bridge)},
             "chassis": chassis, "vms": vms,
+            "external": {
+                "bridge": self.external_bridge, "physical_network": EXTERNAL_PHYSNET,
+                "chassis_bridge": EX_BRIDGE,
+                "exists": nx.link_exists(None, self.external_bridge),
+                "outside": {"netns": self.outside_netns, "interface": "eth0",
+                            "ip_cidr": OUTSIDE_CIDR, "ip": self.outside_ip, "mac": OUTSIDE_MAC,
+                            "netns_exists": nx.netns_exists(self.outside_netns)},
+            },
             "services": {
                 name: {"url": svc.url, "pid": svc.proc.pid if svc.proc else None,
                        "alive": nx.pid_alive(svc.proc.pid, svc.proc.starttime)
@@ -508,7 +590,7 @@ class Lab:
 
         Returns once OVS has attached the port. On failure the VM is removed again.
         """
-        if not _VM_NAME_RE.match(name) or re.fullmatch(r"ch\d+|ul", name):
+        if not _VM_NAME_RE.match(name) or re.fullmatch(r"ch\d+|ul|ex|out", name):
             raise LabError(f"invalid VM name {name!r}")
         mac = mac.lower()
         if not _MAC_RE.match(mac):
@@ -687,6 +769,7 @@ class Lab:
                     procs[rec.pid] = rec.starttime
             report.step("stop recorded processes", lambda: nx.kill_pids(procs, timeout))
             namespaces = [vm.netns for vm in st.vms] + [ch.netns for ch in st.chassis]
+            namespaces.append(self.outside_netns)
             _teardown_namespaces(namespaces, report, timeout)
             links = [ch.underlay_link for ch in st.chassis] + st.extra_links
             links.append(st.underlay_bridge)
@@ -735,8 +818,8 @@ def _scan(prefix: str, base_dir: Path, timeout: float) -> TeardownReport:
     except Exception as exc:
         report.errors.append(f"list links: {exc}")
         links = []
-    # veth ends first (deleting one also deletes its peer), the underlay bridge last
-    for link in sorted(links, key=lambda n: n.endswith("-ul")):
+    # veth ends first (deleting one also deletes its peer), the bridges last
+    for link in sorted(links, key=lambda n: n.endswith(("-ul", "-ex"))):
         report.step(f"delete link {link}", partial(nx.link_delete, None, link))
     report.step(f"remove {lab_dir}", lambda: _rmtree(lab_dir))
     report.step("remove state file", lambda: _unlink(state_path(base_dir, prefix)))

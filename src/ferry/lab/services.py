@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 
 from ferry.lab.etcd_server import EtcdServer, free_port
-from ferry.lab.lab import Lab, LabError
+from ferry.lab.lab import BRIDGE_MAPPINGS, Lab, LabError
+from ferry.switch.ovsdb import format_bridge_mappings
 
 READY_TIMEOUT = 30.0
 
@@ -163,7 +164,8 @@ async def serve(lab: Lab) -> None:
                                    port=port, log_level="warning", access_log=False))
     api = asyncio.create_task(server.serve(), name="api")
     agents = [ChassisAgent(AgentConfig(chassis=ch.name, tunnel_ip=ch.tunnel_ip,
-                                       ovsdb_url=ch.ovsdb_url, rundir=Path(ch.rundir)), store)
+                                       ovsdb_url=ch.ovsdb_url, rundir=Path(ch.rundir),
+                                       bridge_mappings=dict(BRIDGE_MAPPINGS)), store)
               for ch in lab.state.chassis]
     await asyncio.gather(*(a.start() for a in agents))
     await server.started_event.wait()
@@ -188,7 +190,9 @@ def spawn_controller(lab: Lab, chassis: str, wait: bool = True) -> int:
     ch = lab.chassis(chassis)
     pid = _spawn(ferry_argv("controller", "--chassis", ch.name, "--store", store.url,
                             "--ovsdb", ch.ovsdb_url, "--tunnel-ip", ch.tunnel_ip,
-                            "--rundir", ch.rundir), Path(ch.rundir) / "controller.log")
+                            "--rundir", ch.rundir,
+                            "--bridge-mappings", format_bridge_mappings(BRIDGE_MAPPINGS)),
+                   Path(ch.rundir) / "controller.log")
     lab.set_controller_pid(ch.name, pid)
     if wait:
         wait_controllers(lab, only=[ch.name])

@@ -364,6 +364,39 @@ def _ensure_integration_bridge(txn: Any, idl: Any, spec: _BridgeSpec) -> list[st
     return changes
 
 
+def patch_port_names(int_bridge: str, bridge: str) -> tuple[str, str]:
+    """The patch pair between br-int and a physical bridge, named as OVN names them:
+    ``patch-<int>-to-<bridge>`` on br-int, ``patch-<bridge>-to-<int>`` on the bridge."""
+    return f"patch-{int_bridge}-to-{bridge}", f"patch-{bridge}-to-{int_bridge}"
+
+
+def _ensure_patch_pair(txn: Any, idl: Any, int_bridge: str, bridge: str,
+                       changes: list[str]) -> None:
+    """Both ends of the patch pair between ``int_bridge`` and ``bridge`` (which must exist:
+    the operator's physical bridge), each ``type=patch`` with the other as ``options:peer``."""
+    ours, theirs = patch_port_names(int_bridge, bridge)
+    for br_name, name, peer in ((int_bridge, ours, theirs), (bridge, theirs, ours)):
+        br = _find(idl, "Bridge", br_name)
+        if br is None:
+            raise OvsdbError(f"bridge {br_name} does not exist (bridge mapping to {bridge})")
+        port = _find(idl, "Port", name)
+        if port is None:
+            _insert_port(txn, idl, br, name, type="patch", options={"peer": peer})
+            changes.append(f"created patch port {name} on {br_name}")
+            continue
+        if port.uuid not in {p.uuid for p in br.ports}:
+            raise OvsdbError(f"patch port {name} exists but is not on bridge {br_name}")
+        iface = _find(idl, "Interface", name)
+        if iface is None:
+            raise OvsdbError(f"port {name} exists without an interface named {name}")
+        if iface.type != "patch":
+            iface.type = "patch"
+            changes.append(f"{name}: type=patch")
+        if dict(iface.options).get("peer") != peer:
+            iface.setkey("options", "peer", peer)
+            changes.append(f"{name}: options:peer={peer}")
+
+
 def _set_external_ids(txn: Any, idl: Any, wanted: Mapping[str, str]) -> list[str]:
     root = _root(idl)
     current = dict(root.external_ids)
@@ -652,6 +685,32 @@ class ChassisOvsdb:
         )
         self._log_changes(f"bridge {self.bridge}", changes)
         return await self.wait_ofport(tunnel_port)
+
+    async def ensure_patch_ports(self, bridge_mappings: Mapping[str, str]) -> dict[str, int]:
+        """Patch ports between the integration bridge and each mapped physical bridge;
+        returns physical network → the br-int side's ofport.
+
+        Idempotent: one transaction, only where the database differs (a second call writes
+        nothing). The physical bridges are the operator's (in the lab, ``Lab`` makes br-ex):
+        a missing one is an :class:`OvsdbError` naming it. Patch ports of mappings that were
+        removed are left alone (they carry no Ferry flows).
+        """
+        def ensure(txn: Any, idl: Any) -> list[str]:
+            changes: list[str] = []
+            for bridge in sorted(set(bridge_mappings.values())):
+                _ensure_patch_pair(txn, idl, self.bridge, bridge, changes)
+            if changes:
+                _root(idl).increment("next_cfg")
+            return changes
+
+        if not bridge_mappings:
+            return {}
+        changes = await self._transact("ensure patch ports", ensure)
+        self._log_changes("patch ports", changes)
+        out: dict[str, int] = {}
+        for physnet, bridge in sorted(bridge_mappings.items()):
+            out[physnet] = await self.wait_ofport(patch_port_names(self.bridge, bridge)[0])
+        return out
 
     async def wait_ofport(self, iface: str) -> int:
         """The interface's ofport once valid (> 0), awaited without polling.
