@@ -309,7 +309,9 @@ async def test_link_outage_of_100ms(lab2: Lab, tmp_path: Path) -> None:
     assert c.downtime_ms is not None and c.downtime_beyond_pause_ms is not None
     assert 95 <= c.downtime_ms <= 110
     assert 90 <= c.lost <= 110 and c.lost == c.downtime.lost
-    assert -3 <= c.downtime_beyond_pause_ms <= 5
+    # ~2 ms on a quiet machine; a loaded one (2 cores, other labs running) adds scheduling
+    # delay to the flap itself: 6.5 ms was seen once under load.
+    assert -3 <= c.downtime_beyond_pause_ms <= 10
     assert c.duplicated == 0 and c.reordered == 0
 
 
