@@ -115,6 +115,7 @@ class ChassisAgent:
         tunnel_ofport = await self.ovsdb.ensure_integration_bridge(
             f"unix:{cfg.controller_socket}", tunnel_port=cfg.tunnel_port)
         self.core.set_tunnel_ofport(tunnel_ofport)
+        self.core.set_patch_ofports(await self.ovsdb.ensure_patch_ports(cfg.bridge_mappings))
         await self.subs.subscribe(GLOBAL)
         self._tasks = [
             asyncio.create_task(self.flows.run(), name=f"flows-{self.name}"),

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ferry.core import migration
-from ferry.core.apps import ALL_APPS, security
+from ferry.core.apps import ALL_APPS, fip, security
 from ferry.core.apps.base import App, Context
 from ferry.core.migration import Intent
 from ferry.core.pipeline import check_flow
@@ -70,6 +70,8 @@ class ChassisCore:
         self.topology = Topology(chassis, migration_mode=migration_mode)
         self.apps = tuple(apps)
         self.tunnel_ofport = tunnel_ofport
+        self.patch_ofports: dict[str, int] = {}
+        """Physical network → br-int's patch port to its bridge (the bridge mappings)."""
         self._owned: dict[Owner, frozenset[Flow]] = {}
         self._locations: dict[str, Location] = {}
         self.recompute_all()
@@ -82,6 +84,11 @@ class ChassisCore:
 
     def set_tunnel_ofport(self, ofport: int | None) -> list[Output]:
         self.tunnel_ofport = ofport
+        return self.recompute_all()
+
+    def set_patch_ofports(self, ofports: dict[str, int]) -> list[Output]:
+        """The patch ports of this chassis' bridge mappings (physical network → ofport)."""
+        self.patch_ofports = dict(ofports)
         return self.recompute_all()
 
     def nb_updated(self, obj: NbObject) -> list[Output]:
@@ -149,7 +156,10 @@ class ChassisCore:
 
     def _changed(self, old: NbObject | None, new: NbObject | None) -> list[Output]:
         events = self._changed_l2(old, new)
-        for owner in sorted(self._routing_dependents(old, new)):
+        owners = self._routing_dependents(old, new)
+        ports, nets = fip.affected(self.topology, old, new)
+        owners |= {("port", p) for p in ports} | {("network", n) for n in nets}
+        for owner in sorted(owners):
             self._compute(owner)
         return events
 
@@ -256,7 +266,7 @@ class ChassisCore:
 
     def _compute(self, owner: Owner) -> None:
         kind, id = owner
-        ctx = Context(self.topology, self.tunnel_ofport, self._port_cookie)
+        ctx = Context(self.topology, self.tunnel_ofport, self._port_cookie, self.patch_ofports)
         flows: list[Flow] = []
         for index, app in enumerate(self.apps):
             produced: Iterable[Flow] = ()

@@ -9,7 +9,8 @@ Registers carry the logical context between tables:
   reg6      the logical source port's key (set by classification)
   reg7      the logical destination port's key (set by L2 lookup)
   reg5      flags; bit 0 = the packet came in from a tunnel
-  reg0      routing: the IPv4 next hop, from l3_route to l3_nexthop (reg0..reg3 for IPv6)
+  reg0      routing: the IPv4 next hop, from l3_route to l3_nexthop (reg0..reg3 for IPv6);
+            on an external network, from ext_nexthop to mac_binding
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ class Table:
 
 
 TABLES: tuple[Table, ...] = (
-    Table("classify", 0, "classifier", ("port_security", "tunnel_ingress"),
-          "in_port → logical port and network; tunnel → network"),
+    Table("classify", 0, "classifier", ("ext_ingress", "port_security", "tunnel_ingress"),
+          "in_port → logical port and network; tunnel → network; patch port → the flat "
+          "network of its physical network"),
+    Table("ext_ingress", 5, "fip", ("sg_ingress",),
+          "frames from a physical network: ARP for a floating IP answered where its port is, "
+          "ARP senders learned into mac_binding, IP to a floating IP DNATed to its port"),
     Table("port_security", 10, "port_security", ("sg_egress",),
           "a VM sends only with its own MAC/IPs and allowed address pairs"),
     Table("sg_egress", 12, "security", ("sg_egress_ct", "arp_responder"),
@@ -51,10 +56,16 @@ TABLES: tuple[Table, ...] = (
     Table("l2_lookup", 30, "l2", ("l3_route", "flood", "sg_ingress"),
           "destination MAC → logical destination port; router MAC → routing; broadcast and "
           "unknown → flood"),
-    Table("l3_route", 32, "l3", ("l3_nexthop",),
+    Table("l3_route", 32, "l3", ("l3_nexthop", "fip_snat"),
           "distributed routing on the sending chassis: destination network, TTL, MACs"),
     Table("l3_nexthop", 34, "l3", ("sg_ingress",),
           "routed packets: destination IP → the port's MAC and logical port"),
+    Table("fip_snat", 36, "fip", ("ext_nexthop",),
+          "routed to a router's gateway: a port with a floating IP leaves as that IP"),
+    Table("ext_nexthop", 37, "fip", ("mac_binding",),
+          "on an external network: the next hop (on-link destination or subnet gateway)"),
+    Table("mac_binding", 38, "fip", (),
+          "next hop → MAC and patch port, learned in the datapath from ARP"),
     Table("flood", 40, "l2", (),
           "to every local port of the network and every other chassis hosting it"),
     Table("sg_ingress", 45, "security", ("sg_ingress_ct", "egress"),

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from ferry.model.objects import (
     Chassis,
+    FloatingIP,
     LogicalPort,
     LogicalRouter,
     LogicalSwitch,
@@ -244,6 +245,17 @@ class Topology:
                     out.append(r)
                     break
         return out
+
+    # -- floating IPs (read-only views for the fip app) --------------------------------------
+
+    def floating_ips_of(self, port_id: str) -> list[FloatingIP]:
+        """The floating IPs associated with the port, by id."""
+        return sorted((f for f in self.table(FloatingIP).values() if f.port_id == port_id),
+                      key=lambda f: f.id)
+
+    def subnets_of(self, network_id: str) -> list[Subnet]:
+        return sorted((s for s in self.table(Subnet).values() if s.network_id == network_id),
+                      key=lambda s: s.id)
 
     def _routers(self) -> list[LogicalRouter]:
         return sorted(self.table(LogicalRouter).values(), key=lambda r: r.id)

@@ -177,11 +177,11 @@ def learn(action: Learn, pkt: Packet) -> Flow:
         if isinstance(spec, LearnMatchValue):
             fields[spec.dst] = spec.value
         elif isinstance(spec, LearnMatch):
-            fields[spec.dst] = pkt.get(_field_of(spec.src or spec.dst), 0)
+            fields[spec.dst] = _bits(pkt, spec.src or spec.dst, spec.dst)
         elif isinstance(spec, LearnLoadValue):
             actions.append(SetField(spec.dst, spec.value))
         elif isinstance(spec, LearnLoad):
-            actions.append(SetField(spec.dst, pkt.get(_field_of(spec.src), 0)))
+            actions.append(SetField(spec.dst, _bits(pkt, spec.src, spec.dst)))
         elif isinstance(spec, LearnOutput):
             actions.append(Output(int(pkt.get(_field_of(spec.src), 0))))
     return Flow(action.table, action.priority, Match.of(fields), tuple(actions), action.cookie)
@@ -197,6 +197,15 @@ def _ct(st: _State, action: Ct, pkt: Packet, depth: int) -> None:
         st.conntrack.commit(action.zone, pkt)
     if action.table is not None:
         _run(st, {**pkt, "ct_state": state, "ct_zone": action.zone}, action.table, depth + 1)
+
+
+def _bits(pkt: Packet, src: str, dst: str) -> Any:
+    """The packet's ``src`` as a value of field ``dst`` (learn copies bits: an address may
+    land in a register)."""
+    value = pkt.get(_field_of(src), 0)
+    if src == dst or _field_of(src) == "in_port":
+        return value
+    return canonical_value(dst, _int(src, value))
 
 
 def _field_of(name: str) -> str:

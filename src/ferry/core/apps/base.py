@@ -9,8 +9,8 @@ different location. Apps do no I/O and keep no state.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from ferry.core.topology import Location, Topology
 from ferry.model.objects import LogicalPort, LogicalSwitch
@@ -23,6 +23,8 @@ class Context:
     tunnel_ofport: int | None
     port_cookie: Callable[[App, LogicalPort], int]
     """The cookie of an app's flows for a port: flows the datapath learns carry it too."""
+    patch_ofports: Mapping[str, int] = field(default_factory=dict)
+    """Physical network → br-int's patch port to the bridge it is mapped to here."""
 
 
 class App:

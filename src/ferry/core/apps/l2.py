@@ -72,6 +72,14 @@ class Classifier(App):
         ))
 
     def network_flows(self, ctx: Context, net: LogicalSwitch) -> Iterable[Flow]:
+        from ferry.core.apps.fip import external_networks
+
+        for ext, patch in external_networks(ctx.topology, ctx):
+            if ext.id == net.id:  # a flat network: frames from its physical network
+                yield Flow(table("classify"), 100, Match(in_port=patch), (
+                    SetField(REG_NETWORK, net.tunnel_key),
+                    GotoTable(table("ext_ingress")),
+                ))
         if ctx.tunnel_ofport is None or not ctx.topology.has_local_port(net.id):
             return
         yield Flow(table("classify"), 100,

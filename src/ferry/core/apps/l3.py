@@ -14,7 +14,9 @@ The reply is routed the same way on the other VM's chassis. Echo requests to any
 router's addresses are answered in l3_route, on the chassis of the VM that asked.
 
 No per-router owner: every flow belongs to a port, so the core's per-port recompute and
-cookies apply unchanged. An interface port owns what leaves the router through it (the routes
+cookies apply unchanged. A router with an external gateway sends what it cannot route to
+fip_snat (floating IPs, ``apps/fip.py``); that flow belongs to the interface it comes from.
+An interface port owns what leaves the router through it (the routes
 into its subnet, extra routes whose nexthop is in its subnet, echo replies for its address),
 from every interface of its router; a VM port owns its l3_nexthop entries, wherever it is
 located (Local, Remote or mid-migration): where that is, is the L2 app's business alone.
@@ -60,6 +62,9 @@ ROUTE_PRIORITY = 100
 """Routes: ROUTE_PRIORITY + 2 * prefix length (+1 for a connected subnet over an extra route
 to the same prefix), so the longest prefix wins."""
 NEXTHOP_PRIORITY = 100
+GATEWAY_PRIORITY = ROUTE_PRIORITY - 1
+"""Below every route (a default extra route included): what the router cannot route leaves
+through its gateway, as floating IP SNAT (the fip app's fip_snat)."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,11 @@ class Router(App):
         if not mine:
             return
         out = mine[0]
+        if router.gateway is not None and out.ip.version == 4:
+            # From this interface's network, unroutable here: towards the gateway (fip_snat
+            # lets out the ports that have a floating IP on the gateway's network).
+            yield Flow(table("l3_route"), GATEWAY_PRIORITY, self._from(out),
+                       (GotoTable(table("fip_snat")),))
         leaving = [r for r in routes(ifaces, router.routes) if r.out == out]
         for src in ifaces:
             if src.ip.version != out.ip.version:
