@@ -22,6 +22,7 @@ from ferry.agent.datapath import apply_conntrack_settings
 from ferry.agent.flowsync import FlowSync
 from ferry.agent.migrations import MigrationPublisher
 from ferry.agent.subscriptions import Change, Deleted, Resynced, Subscriptions, Updated
+from ferry.core.apps import fip
 from ferry.core.chassis import ChassisCore, Output, PortBound, PortUnbound
 from ferry.core.topology import Local, Vif
 from ferry.model.northbound import InvalidObject, Northbound
@@ -33,7 +34,8 @@ from ferry.model.objects import (
     MigrationStatus,
 )
 from ferry.store.base import GLOBAL, Store, StoreError
-from ferry.switch.openflow import Switch
+from ferry.switch.flow import Output as FlowOutput
+from ferry.switch.openflow import ConnectionLost, Switch
 from ferry.switch.ovsdb import ChassisOvsdb, VifOffline, VifOnline
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class ChassisAgent:
         self.wall = wall
         self._intents: asyncio.Queue[Output] = asyncio.Queue()
         self._ack_tasks: set[asyncio.Task[None]] = set()
+        self._announced: set[tuple[str, str]] = set()
 
     @property
     def name(self) -> str:
@@ -189,6 +192,7 @@ class ChassisAgent:
             events = self.core.nb_resync(change.objects, {change.topic})
         self.flows.mark_dirty()
         self._derived(events)
+        self._announce_fips()
 
     async def _vif_loop(self) -> None:
         async for event in self.ovsdb.events():
@@ -207,6 +211,7 @@ class ChassisAgent:
             log.info("chassis %s: %s", self.name, event)
             self.flows.mark_dirty()
             self._derived(events)
+            self._announce_fips()
 
     async def _ensure_topic_of(self, port_id: str) -> None:
         """Subscribe to the project of a local VIF's port (waiting for the port to exist)."""
@@ -240,6 +245,31 @@ class ChassisAgent:
                 self._intents.put_nowait(e)
             for listener in self.listeners:
                 listener(e)
+
+    def _announce_fips(self) -> None:
+        """Floating IPs this chassis newly hosts: once their flows are acked, a gratuitous
+        ARP (the external fabric learns where the FIP's MAC is now) and an ARP request for
+        the external subnet's gateway (its answer teaches the datapath's mac_binding)."""
+        hosted = self.core.hosted_fips()
+        new = {k: h for k, h in hosted.items() if k not in self._announced}
+        self._announced = set(hosted)
+        if new:
+            self._after_ack(self._send_announcements(list(new.values())))
+
+    async def _send_announcements(self, items: list[fip.Hosted]) -> None:
+        for h in items:
+            frames = [fip.arp_frame(1, h.mac, h.fip_ip, h.fip_ip)]
+            if h.gateway is not None:
+                frames.append(fip.arp_frame(1, h.mac, h.fip_ip, h.gateway))
+            try:
+                for frame in frames:
+                    await self.switch.packet_out(frame, [FlowOutput(h.patch_ofport)])
+            except (ConnectionLost, OSError) as e:
+                log.warning("chassis %s: floating IP %s: announcement not sent: %s",
+                            self.name, h.fip_ip, e)
+                continue
+            log.info("chassis %s: floating IP %s announced (gratuitous ARP, MAC %s, patch "
+                     "port %d)", self.name, h.fip_ip, h.mac, h.patch_ofport)
 
     async def _intent_loop(self) -> None:
         while True:

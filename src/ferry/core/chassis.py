@@ -138,6 +138,11 @@ class ChassisCore:
                 out[f.key] = f
         return out
 
+    def hosted_fips(self) -> dict[tuple[str, str], fip.Hosted]:
+        """The floating IPs this chassis announces (see ``apps.fip.hosted``)."""
+        ctx = Context(self.topology, self.tunnel_ofport, self._port_cookie, self.patch_ofports)
+        return fip.hosted(ctx, self._locations)
+
     def location(self, port_id: str) -> Location:
         return self._locations.get(port_id)
 

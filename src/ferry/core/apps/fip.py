@@ -249,3 +249,42 @@ def affected(topo: Topology, old: object, new: object) -> tuple[set[str], set[st
             if isinstance(obj, Subnet):
                 nets.add(obj.network_id)
     return ports, nets
+
+
+@dataclass(frozen=True)
+class Hosted:
+    """A floating IP this chassis implements, as the agent announces it on the external
+    network: a gratuitous ARP for it, and an ARP request for the next hop (so that
+    mac_binding learns it before the first SNATed packet)."""
+
+    fip_ip: str
+    mac: str
+    patch_ofport: int
+    gateway: str | None
+
+
+def hosted(ctx: Context, locations: dict[str, Location]) -> dict[tuple[str, str], Hosted]:
+    """Floating IPs to announce from here, keyed by (FIP id, location kind). A port that is
+    Local, or Incoming (a live migration's destination, from the claim: this chassis then
+    receives the outside's frames and forwards them right, see the module docstring), hosts
+    its FIPs; a new key (a FIP newly associated, or Incoming → Local) is announced again."""
+    topo = ctx.topology
+    out: dict[tuple[str, str], Hosted] = {}
+    for port_id, loc in sorted(locations.items()):
+        port = topo.get(LogicalPort, port_id)
+        if port is None or not isinstance(loc, Local | Incoming):
+            continue
+        for b in bindings(ctx, port):
+            gateway = next((str(s.gateway_ip) for s in topo.subnets_of(b.ext.id)
+                            if s.gateway_ip is not None and s.cidr.version == 4), None)
+            out[(b.fip.id, type(loc).__name__)] = Hosted(b.ip, b.mac, b.patch_ofport, gateway)
+    return out
+
+
+def arp_frame(op: int, sha: str, spa: str, tpa: str, dst: str = "ff:ff:ff:ff:ff:ff") -> bytes:
+    """An Ethernet ARP frame (request: op 1; a gratuitous ARP is a request with tpa = spa)."""
+    mac = bytes.fromhex(sha.replace(":", ""))
+    body = bytes.fromhex("000108000604") + op.to_bytes(2, "big")
+    body += mac + ipaddress.IPv4Address(spa).packed + bytes(6) + ipaddress.IPv4Address(tpa).packed
+    frame = bytes.fromhex(dst.replace(":", "")) + mac + b"\x08\x06" + body
+    return frame + bytes(max(0, 60 - len(frame)))
