@@ -12,7 +12,7 @@ import asyncio
 import json
 import shutil
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,21 +44,43 @@ class MigrationResult:
     converged_ms: float | None  # step 2 seen → last chassis' flows acked
     plot: str
     mode: str = "?"
+    by_class: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per traffic class (L2, L3): beyond_pause_ms (worst client), lost, duplicated,
+    reordered."""
+
+
+TRAFFIC_CLASSES = {"c": "L2", "r": "L3"}
+"""Probe clients by name prefix: c* share the VM's network; r* reach it through a router."""
 
 
 async def build(lab: Lab, api: Neutron, n_clients: int) -> tuple[str, list[str]]:
+    """The VM on chassis 1; ``n_clients`` L2 clients (same network) and as many L3 clients
+    (another subnet, routed by a distributed router), spread over the chassis from the last.
+    Each probe client paces 1 kHz with a busy-wait at real-time priority: on two cores,
+    more than a few of them starve OVS and inflate every figure."""
     net = await api.create("network", name="demo-net")
-    await api.create("subnet", network_id=net["id"], cidr="10.20.0.0/24", ip_version=4,
-                     name="demo-subnet")
+    sub = await api.create("subnet", network_id=net["id"], cidr="10.20.0.0/24", ip_version=4,
+                           name="demo-subnet")
+    net2 = await api.create("network", name="demo-net2")
+    sub2 = await api.create("subnet", network_id=net2["id"], cidr="10.21.0.0/24",
+                            ip_version=4, name="demo-subnet2")
+    router = await api.create("router", name="demo-router")
+    for s in (sub, sub2):
+        await api.call("PUT", f"/routers/{router['id']}/add_router_interface",
+                       {"subnet_id": s["id"]})
     chassis = [ch.name for ch in lab.state.chassis]
     vm_port = await api.create("port", network_id=net["id"], name="vm")
     await boot(lab, api, "vm", vm_port["id"], chassis[0])
     clients = []
-    for i in range(n_clients):
-        port = await api.create("port", network_id=net["id"], name=f"client{i + 1}")
-        name = f"c{i + 1}"
-        await boot(lab, api, name, port["id"], chassis[i % len(chassis)])
-        clients.append(name)
+    for prefix, network in (("c", net), ("r", net2)):
+        for i in range(n_clients):
+            port = await api.create("port", network_id=network["id"],
+                                    name=f"client-{prefix}{i + 1}")
+            name = f"{prefix}{i + 1}"
+            # The first client on the last chassis: the VM starts on the first.
+            await boot(lab, api, name, port["id"], chassis[(len(chassis) - 1 + i) %
+                                                           len(chassis)])
+            clients.append(name)
     return "vm", clients
 
 
@@ -90,16 +112,27 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
     report = probe.report(pause=pause, around_ms=500)
     plot = probe.plot(out / f"migration{number}.png", pause=pause, xlim_ms=(-100, 400))
     total = report.total
+    by_class: dict[str, dict[str, float]] = {}
+    for prefix, cls in TRAFFIC_CLASSES.items():
+        members = [c for c in report.clients if c.name.startswith(prefix)]
+        beyond = [c.downtime_beyond_pause_ms for c in members
+                  if c.downtime_beyond_pause_ms is not None]
+        if members:
+            by_class[cls] = {"beyond_pause_ms": max(beyond) if beyond else float("nan"),
+                             "lost": sum(c.lost for c in members),
+                             "duplicated": sum(c.duplicated for c in members),
+                             "reordered": sum(c.reordered for c in members)}
     return MigrationResult(number, run.source, run.dest, (pause[1] - pause[0]) / 1e6,
                            report.downtime_ms, report.downtime_beyond_pause_ms, total.lost,
                            total.duplicated, total.reordered, convergence_ms(run), str(plot),
-                           run.mode)
+                           run.mode, by_class)
 
 
 async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                    unplug_delay_ms: float, rate_hz: float, out: Path,
                    keep_lab: bool = False,
-                   plan: list[tuple[str | None, float]] | None = None) -> list[MigrationResult]:
+                   plan: list[tuple[str | None, float]] | None = None,
+                   clients_per_class: int = 1) -> list[MigrationResult]:
     """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause)."""
     plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
@@ -109,7 +142,7 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
         api_url = lab.service("api").url  # type: ignore[union-attr]
         assert api_url is not None
         async with Neutron(api_url) as api:
-            _, clients = await build(lab, api, chassis)
+            _, clients = await build(lab, api, clients_per_class)
             names = [ch.name for ch in lab.state.chassis]
             results = []
             here = names[0]
@@ -171,13 +204,15 @@ def demo_command(
         "out/demo"),
     keep_lab: Annotated[bool, typer.Option(help="Leave the lab up afterwards (to look).")
                         ] = False,
+    clients: Annotated[int, typer.Option(
+        min=1, max=4, help="Probe clients per traffic class (L2 and L3).")] = 1,
 ) -> None:
     """Migrate a VM back and forth on a lab of real OVS chassis and report the downtime."""
     if store not in ("memory", "etcd"):
         raise typer.BadParameter(f"{store!r}: memory or etcd", param_hint="--store")
     out.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(run_demo(chassis, store, migrations, pause_ms, unplug_delay_ms,
-                                   rate_hz, out, keep_lab))
+                                   rate_hz, out, keep_lab, clients_per_class=clients))
     console.print(summary(results, f"store {store}"))
     beyond = stats([r.beyond_pause_ms for r in results])
     conv = stats([r.converged_ms for r in results])
