@@ -96,7 +96,9 @@ def test_first_frame_activates_the_destination_everywhere() -> None:
     r = Live()
     r.step1()
     flood = r.resume_with_rarp()
-    assert ("ch2", SRC[1]) in flood  # the RARP reaches the source, which learns from it
+    # The RARP reaches the source, which learns from it (and, having learned, no longer
+    # delivers even this broadcast to the stopped copy).
+    assert ("ch2", SRC[1]) not in flood and r.fab.learned["ch2"]
     # From now on every packet to the VM is delivered exactly once, on the destination,
     # without any controller having done anything: the datapath learned it.
     assert r.everyone_to_vm() == at(DST)

@@ -158,7 +158,26 @@ def test_unfiltered_ports_and_infrastructure_pass(fab: Fabric) -> None:
     dhcp = {"eth_src": mac, "eth_dst": "ff:ff:ff:ff:ff:ff", "eth_type": 0x0800,
             "ipv4_src": "0.0.0.0", "ipv4_dst": "255.255.255.255", "ip_proto": 17,
             "udp_src": 68, "udp_dst": 67}
-    assert ("ch2", 10) in fab.deliveries(ch, ofport, **dhcp)
+    # It leaves w1 and reaches the unfiltered o1 (and d1, whose port security was just turned
+    # off); the filtered w2 gets no broadcast its ingress rules do not admit: floods go
+    # through each port's ingress security groups like unicast does.
+    assert fab.deliveries(ch, ofport, **dhcp) == [("ch1", 11), ("ch3", 10)]
+
+
+def test_broadcasts_meet_the_receivers_ingress_rules(fab: Fabric) -> None:
+    bcast = {"eth_dst": "ff:ff:ff:ff:ff:ff", "eth_type": 0x0800, "ip_proto": 17,
+             "udp_src": 5000, "udp_dst": 9999, "ipv4_dst": "10.0.0.255"}
+    ch, ofport, _, mac, ip, _ = PORTS["w1"]
+    # web admits no UDP: the other web member does not get w1's broadcast, nor does d1 (db
+    # admits only TCP from web); o1, in no group, does.
+    assert fab.deliveries(ch, ofport, eth_src=mac, ipv4_src=ip, **bcast) == [("ch1", 11)]
+    fab.publish(rule("web-udp", "web", "ingress", protocol="udp", port_range_min=9999,
+                     port_range_max=9999, remote_group_id="web"))
+    out = fab.deliveries(ch, ofport, eth_src=mac, ipv4_src=ip, **bcast)
+    assert out == [("ch1", 11), ("ch2", 10)]
+    # From o1, in no group, the rule (remote group web) does not admit it.
+    ch, ofport, _, mac, ip, _ = PORTS["o1"]
+    assert ("ch2", 10) not in fab.deliveries(ch, ofport, eth_src=mac, ipv4_src=ip, **bcast)
 
 
 def test_rule_removal_keeps_connections_another_rule_allows(fab: Fabric) -> None:

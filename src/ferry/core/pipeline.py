@@ -8,7 +8,7 @@ Registers carry the logical context between tables:
   metadata  the network's tunnel key (VNI)
   reg6      the logical source port's key (set by classification)
   reg7      the logical destination port's key (set by L2 lookup)
-  reg5      flags; bit 0 = the packet came in from a tunnel
+  reg5      flags; bit 0 = the packet came in from a tunnel, bit 1 = a flooded copy
   reg0      routing: the IPv4 next hop, from l3_route to l3_nexthop (reg0..reg3 for IPv6);
             on an external network, from ext_nexthop to mac_binding
 """
@@ -24,6 +24,7 @@ REG_SRC_PORT = "reg6"
 REG_DST_PORT = "reg7"
 REG_FLAGS = "reg5"
 FLAG_FROM_TUNNEL = 1
+FLAG_FLOOD = 2
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ TABLES: tuple[Table, ...] = (
           "on an external network: the next hop (on-link destination or subnet gateway)"),
     Table("mac_binding", 38, "fip", (),
           "next hop → MAC and patch port, learned in the datapath from ARP"),
-    Table("flood", 40, "l2", (),
+    Table("flood", 40, "l2", ("sg_ingress",),
           "to every local port of the network and every other chassis hosting it"),
     Table("sg_ingress", 45, "security", ("sg_ingress_ct", "egress"),
           "security groups, traffic to a local VM: into conntrack (or straight on)"),

@@ -196,14 +196,10 @@ class Topology:
                 out[r.chassis] = r.tunnel_ip
         return dict(sorted(out.items()))
 
-    def local_ofports_of(self, network_id: str) -> list[int]:
-        """Local ports that floods reach (not a migration's destination before it runs)."""
-        out = []
-        for port in self.ports_of(network_id):
-            loc = self.locate(port)
-            if isinstance(loc, Local | Outgoing):
-                out.append(loc.ofport)
-        return sorted(out)
+    def local_ports_of(self, network_id: str) -> list[LogicalPort]:
+        """The network's ports plugged here (a migration's source and destination too)."""
+        return [p for p in self.ports_of(network_id)
+                if isinstance(self.locate(p), Local | Outgoing | Incoming)]
 
     def has_local_port(self, network_id: str) -> bool:
         return any(isinstance(self.locate(p), Local | Outgoing | Incoming)

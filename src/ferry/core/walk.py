@@ -175,7 +175,13 @@ def learn(action: Learn, pkt: Packet) -> Flow:
     actions: list[Output | SetField] = []
     for spec in action.specs:
         if isinstance(spec, LearnMatchValue):
-            fields[spec.dst] = spec.value
+            width = field_width(spec.dst)
+            n_bits = spec.n_bits if spec.n_bits is not None else width
+            if spec.dst_ofs == 0 and n_bits == width:
+                fields[spec.dst] = spec.value
+            else:  # a subfield: a masked match
+                fields[spec.dst] = (spec.value << spec.dst_ofs,
+                                    ((1 << n_bits) - 1) << spec.dst_ofs)
         elif isinstance(spec, LearnMatch):
             fields[spec.dst] = _bits(pkt, spec.src or spec.dst, spec.dst)
         elif isinstance(spec, LearnLoadValue):

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 
 from ferry.core.apps.base import App, Context
 from ferry.core.pipeline import (
+    FLAG_FLOOD,
     FLAG_FROM_TUNNEL,
     REG_DST_PORT,
     REG_FLAGS,
@@ -35,6 +36,7 @@ from ferry.switch.flow import (
     Match,
     Move,
     Output,
+    Resubmit,
     SetField,
 )
 
@@ -196,6 +198,8 @@ class L2(App):
             yield Flow(egress, 100, Match(reg7=key, reg5=0),
                        (Output(loc.ofport), *tunnel_to(net, loc.dest, tun)))
             yield Flow(egress, 100, Match(reg7=key, reg5=FLAG_FROM_TUNNEL), (Output(loc.ofport),))
+            yield Flow(egress, 101, Match(reg7=key, reg5=(FLAG_FLOOD, FLAG_FLOOD)),
+                       (Output(loc.ofport),))
             yield self._follow(ctx, port, net, loc.dest, tun)
         elif isinstance(loc, Both):
             yield Flow(egress, 100, Match(reg7=key, reg5=0),
@@ -218,32 +222,44 @@ class L2(App):
             LearnOutput("in_port_nxm")))
         no_local = Learn(egress, priority=110, cookie=cookie, specs=(
             LearnMatchValue(REG_DST_PORT, key), LearnMatchValue(REG_FLAGS, FLAG_FROM_TUNNEL)))
+        no_flood = Learn(egress, priority=110, cookie=cookie, specs=(
+            LearnMatchValue(REG_DST_PORT, key),
+            LearnMatchValue(REG_FLAGS, 1, n_bits=1, dst_ofs=FLAG_FLOOD.bit_length() - 1)))
         return Flow(table("tunnel_ingress"), 100,
                     Match(metadata=net.tunnel_key, eth_src=port.mac,
                           tun_ipv4_src=dest.tunnel_ip),
-                    (to_dest, no_local, GotoTable(table("l2_lookup"))))
+                    (to_dest, no_local, no_flood, GotoTable(table("l2_lookup"))))
 
     def static_flows(self, ctx: Context) -> Iterable[Flow]:
         yield Flow(table("tunnel_ingress"), 0, Match(), (GotoTable(table("l2_lookup")),))
 
     def network_flows(self, ctx: Context, net: LogicalSwitch) -> Iterable[Flow]:
         topo = ctx.topology
-        local = topo.local_ofports_of(net.id)
-        if not topo.has_local_port(net.id):
+        local = topo.local_ports_of(net.id)
+        if not local:
             return
         lookup, flood = table("l2_lookup"), table("flood")
         yield Flow(lookup, 50, Match(metadata=net.tunnel_key, eth_dst=MULTICAST),
                    (GotoTable(flood),))
         # Unknown unicast floods too (a MAC we do not know may sit behind a port).
         yield Flow(lookup, 10, Match(metadata=net.tunnel_key), (GotoTable(flood),))
-        to_local = tuple(Output(p) for p in local)
+        # Each local copy goes the way a unicast to that port goes: through its ingress
+        # security groups to the egress table (flagged, so that a live migration's source
+        # copy is delivered only locally, and a destination only once activated).
+        def to_local(origin: int) -> list[SetField | Resubmit]:
+            out: list[SetField | Resubmit] = [SetField(REG_FLAGS, origin | FLAG_FLOOD)]
+            for port in local:
+                out += [SetField(REG_DST_PORT, port.tunnel_key), Resubmit(table("sg_ingress"))]
+            return out
+
         # From a tunnel: local ports only, so that floods never loop between chassis.
-        yield Flow(flood, 100, Match(metadata=net.tunnel_key, reg5=FLAG_FROM_TUNNEL), to_local)
+        yield Flow(flood, 100, Match(metadata=net.tunnel_key, reg5=FLAG_FROM_TUNNEL),
+                   tuple(to_local(FLAG_FROM_TUNNEL)))
         to_remote: list[SetField | Output] = []
         if ctx.tunnel_ofport is not None:
             for name, ip in topo.remote_chassis_of(net.id).items():
                 to_remote += tunnel_to(net, Remote(name, ip), ctx.tunnel_ofport)
-        yield Flow(flood, 50, Match(metadata=net.tunnel_key), (*to_local, *to_remote))
+        yield Flow(flood, 50, Match(metadata=net.tunnel_key), (*to_local(0), *to_remote))
 
 
 def tunnel_to(net: LogicalSwitch, to: Remote, tunnel_ofport: int) -> tuple[SetField | Output,
