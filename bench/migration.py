@@ -2,9 +2,9 @@
 (spec: the spec's three steps; live: bound to both chassis, activated in the datapath), with
 the given pause and with no pause at all. Per mode and pause: downtime beyond the pause
 p50/p99/max, convergence (step 2 seen → flows acked on every chassis) p50/p99, and packets
-lost, duplicated and reordered, per traffic class: L2 (clients on the VM's network) and L3
-(clients on another subnet, through a distributed router). Floating-IP traffic is not
-measured: the probe runs from VMs, not from the lab's outside host.
+lost, duplicated and reordered, per traffic class: L2 (clients on the VM's network), L3
+(clients on another subnet, through a distributed router) and FIP (the lab's outside host,
+to the VM's floating IP over the external network).
 
     .venv/bin/python bench/migration.py --migrations 10 [--store etcd] [--pause-ms 50]
 """
@@ -83,8 +83,6 @@ def main() -> None:
                 report[f"{cls}/{mode}/{pause:g}"] = f
                 add_row(table, cls, mode, pause, f)
     console.print(table)
-    console.print("floating-IP traffic: not measured here (the probe runs from VMs only, not "
-                  "from the lab's outside host)")
     (a.out / "bench.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(a).items()}, "figures": report}, indent=1))
 

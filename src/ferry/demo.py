@@ -20,12 +20,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ferry.lab.lab import Lab, destroy_leftovers
+from ferry.lab.lab import EXTERNAL_PHYSNET, Lab, destroy_leftovers
 from ferry.lab.migrate import MigrationRun, migrate
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
 from ferry.lab.services import start_control_plane
-from ferry.probe.runner import Probe
+from ferry.probe.runner import OUTSIDE, Probe
 
 console = Console()
 
@@ -49,11 +49,13 @@ class MigrationResult:
     reordered."""
 
 
-TRAFFIC_CLASSES = {"c": "L2", "r": "L3"}
-"""Probe clients by name prefix: c* share the VM's network; r* reach it through a router."""
+TRAFFIC_CLASSES = {"c": "L2", "r": "L3", OUTSIDE: "FIP"}
+"""Probe clients by name prefix: c* share the VM's network; r* reach it through a router;
+the lab's outside host reaches it by its floating IP over the external network."""
 
 
-async def build(lab: Lab, api: Neutron, n_clients: int) -> tuple[str, list[str]]:
+async def build(lab: Lab, api: Neutron, n_clients: int
+                ) -> tuple[str, list[str], dict[str, str]]:
     """The VM on chassis 1; ``n_clients`` L2 clients (same network) and as many L3 clients
     (another subnet, routed by a distributed router), spread over the chassis from the last.
     Each probe client paces 1 kHz with a busy-wait at real-time priority: on two cores,
@@ -64,12 +66,23 @@ async def build(lab: Lab, api: Neutron, n_clients: int) -> tuple[str, list[str]]
     net2 = await api.create("network", name="demo-net2")
     sub2 = await api.create("subnet", network_id=net2["id"], cidr="10.21.0.0/24",
                             ip_version=4, name="demo-subnet2")
-    router = await api.create("router", name="demo-router")
+    public = await api.create("network", name="public", **{
+        "router:external": True, "provider:network_type": "flat",
+        "provider:physical_network": EXTERNAL_PHYSNET})
+    await api.create("subnet", network_id=public["id"], cidr="172.24.4.0/24", ip_version=4,
+                     gateway_ip=lab.outside_ip, enable_dhcp=False)
+    router = await api.create("router", name="demo-router",
+                              external_gateway_info={"network_id": public["id"]})
     for s in (sub, sub2):
         await api.call("PUT", f"/routers/{router['id']}/add_router_interface",
                        {"subnet_id": s["id"]})
     chassis = [ch.name for ch in lab.state.chassis]
     vm_port = await api.create("port", network_id=net["id"], name="vm")
+    await api.call("POST", "/security-group-rules", {"security_group_rule": {
+        "security_group_id": vm_port["security_groups"][0], "direction": "ingress",
+        "ethertype": "IPv4", "protocol": "udp", "remote_ip_prefix": "172.24.4.0/24"}})
+    fip = await api.create("floatingip", floating_network_id=public["id"],
+                           port_id=vm_port["id"])
     await boot(lab, api, "vm", vm_port["id"], chassis[0])
     clients = []
     for prefix, network in (("c", net), ("r", net2)):
@@ -81,7 +94,8 @@ async def build(lab: Lab, api: Neutron, n_clients: int) -> tuple[str, list[str]]
             await boot(lab, api, name, port["id"], chassis[(len(chassis) - 1 + i) %
                                                            len(chassis)])
             clients.append(name)
-    return "vm", clients
+    clients.append(OUTSIDE)
+    return "vm", clients, {OUTSIDE: fip["floating_ip_address"]}
 
 
 def convergence_ms(run: MigrationRun) -> float | None:
@@ -96,10 +110,12 @@ def convergence_ms(run: MigrationRun) -> float | None:
 
 async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients: list[str],
                         out: Path, pause_ms: float, unplug_delay_ms: float,
-                        rate_hz: float, mode: str | None = None) -> MigrationResult:
+                        rate_hz: float, mode: str | None = None,
+                        targets: dict[str, str] | None = None) -> MigrationResult:
     run_dir = out / f"migration{number}"
     await asyncio.to_thread(shutil.rmtree, run_dir, True)  # a previous demo's records
-    probe = Probe(lab, "vm", clients, out_dir=run_dir, rate_hz=rate_hz, max_duration_s=60)
+    probe = Probe(lab, "vm", clients, out_dir=run_dir, rate_hz=rate_hz, max_duration_s=60,
+                  targets=targets)
     await probe.astart()
     try:
         await probe.await_delivered(100)  # a baseline before the move
@@ -142,7 +158,7 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
         api_url = lab.service("api").url  # type: ignore[union-attr]
         assert api_url is not None
         async with Neutron(api_url) as api:
-            _, clients = await build(lab, api, clients_per_class)
+            _, clients, targets = await build(lab, api, clients_per_class)
             names = [ch.name for ch in lab.state.chassis]
             results = []
             here = names[0]
@@ -152,7 +168,7 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                 if i >= 2 and len(names) > 2:
                     dest = names[(names.index(here) + 1) % len(names)]
                 r = await one_migration(lab, api, i + 1, dest, clients, out, pause,
-                                        unplug_delay_ms, rate_hz, mode)
+                                        unplug_delay_ms, rate_hz, mode, targets)
                 results.append(r)
                 here = dest
                 console.print(f"migration {r.number} ({r.mode}): {r.source} → {r.dest}: downtime "

@@ -75,6 +75,10 @@ class _Agent:
         self.name, self.vm, self.proc, self.log = name, vm, proc, log
 
 
+OUTSIDE = "outside"
+"""A client name meaning the lab's outside host (on the external network), not a VM."""
+
+
 class Probe:
     """A probe from ``clients`` (VM names) to ``target`` (VM name) in ``lab``.
 
@@ -86,9 +90,13 @@ class Probe:
     def __init__(self, lab: Lab, target: str, clients: Sequence[str], *, out_dir: Path | str,
                  rate_hz: float = 1000.0, port: int = DEFAULT_PORT, size: int = 64,
                  max_duration_s: float = 60.0, spin_us: float = 150.0, rt_prio: int = 10,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable,
+                 targets: dict[str, str] | None = None) -> None:
         if not clients:
             raise ProbeError("a probe needs at least one client VM")
+        self.targets = dict(targets or {})
+        """Per client, the address it sends to (default: the target VM's IP); e.g. the
+        target's floating IP for the ``OUTSIDE`` client."""
         if target in clients or len(set(clients)) != len(clients):
             raise ProbeError(f"clients must be distinct and not the target: {list(clients)}")
         if size < rc.MIN_PAYLOAD or not 0 < rate_hz <= 100_000:
@@ -129,8 +137,10 @@ class Probe:
                 "--duration", str(self.max_duration_s + 5)])
             self._wait_ready(self._echo, timeout)
             for i, vm in enumerate(self.clients, start=1):
+                bind = self.lab.outside_ip if vm == OUTSIDE else self.lab.vm(vm).ip
                 self._clients.append(self._spawn(rc.client_name(i), vm, [
-                    "client", "--bind", self.lab.vm(vm).ip, "--target", target_ip, *common,
+                    "client", "--bind", bind, "--target", self.targets.get(vm, target_ip),
+                    *common,
                     "--vm", vm, "--id", str(i), "--rate", str(self.rate_hz),
                     "--size", str(self.size), "--spin-us", str(self.spin_us),
                     "--rt-prio", str(self.rt_prio),
@@ -146,9 +156,11 @@ class Probe:
     def _spawn(self, name: str, vm: str, args: list[str]) -> _Agent:
         log = rc.log_path(self.out_dir, name).open("wb")
         try:
-            proc = self.lab.popen_in_vm(vm, [self.python, "-m", "ferry.probe.agent", *args],
-                                        stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT)
+            argv = [self.python, "-m", "ferry.probe.agent", *args]
+            kw: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": log,
+                                  "stderr": subprocess.STDOUT}
+            proc = (self.lab.popen_outside(argv, **kw) if vm == OUTSIDE
+                    else self.lab.popen_in_vm(vm, argv, **kw))
         except BaseException:
             log.close()
             raise
