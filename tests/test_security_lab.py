@@ -223,6 +223,22 @@ async def test_ingress_admits_exactly_the_rules(rig: Rig) -> None:
     assert rig.probe("other", "srv", "icmp") == "timeout"       # not cli's address
 
 
+async def test_the_same_rules_hold_after_a_migration(rig: Rig) -> None:
+    """srv moves (live) to the chassis of `other`, then back: the rules are enforced on its
+    new chassis exactly as before, both ways (same checks as above, plus srv's egress)."""
+    home = rig.lab.vm("srv").active_vif.chassis  # type: ignore[union-attr]
+    for dest in ("chassis-3", home):
+        await migrate(rig.lab, rig.api, "srv", dest, pause_ms=20, unplug_delay_ms=50)
+        await rig.admitted("cli", "srv", "tcp", 8080)
+        await rig.admitted("other", "srv", "tcp", 8080)
+        await rig.admitted("cli", "srv", "udp", 9000)
+        await rig.admitted("cli", "srv", "icmp")
+        assert rig.probe("cli", "srv", "tcp", 8081) == "timeout"
+        assert rig.probe("other", "srv", "udp", 9000) == "timeout"
+        assert rig.probe("other", "srv", "icmp") == "timeout"
+        assert rig.probe("srv", "cli", "tcp", 8080) == "timeout"  # srv's egress: replies only
+
+
 async def test_egress_admits_only_replies_without_rules(rig: Rig) -> None:
     # srv answered above; it may not start anything itself, and cli admits no ingress.
     await rig.admitted("cli", "srv", "tcp", 8080)
