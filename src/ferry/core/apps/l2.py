@@ -66,12 +66,19 @@ class Classifier(App):
                               cookie=ctx.port_cookie(L2_APP, port),
                               specs=(LearnMatchValue(REG_DST_PORT, port.tunnel_key),
                                      LearnOutput("in_port_nxm"))),)
-        yield Flow(table("classify"), 100, Match(in_port=loc.ofport), (
-            *activate,
-            SetField(REG_SRC_PORT, port.tunnel_key),
-            SetField(REG_NETWORK, net.tunnel_key),
-            GotoTable(table("port_security")),
-        ))
+        classify = (SetField(REG_SRC_PORT, port.tunnel_key),
+                    SetField(REG_NETWORK, net.tunnel_key), GotoTable(table("port_security")))
+        yield Flow(table("classify"), 100, Match(in_port=loc.ofport), (*activate, *classify))
+        if isinstance(loc, Incoming):
+            # The VM's RARP on resume also goes out to the external networks where the port
+            # has a floating IP (whose MAC is the VM's): their switches learn at once that
+            # the floating IP is now behind this chassis, as the internal network does.
+            from ferry.core.apps.fip import bindings
+
+            patches = sorted({b.patch_ofport for b in bindings(ctx, port)})
+            if patches:
+                yield Flow(table("classify"), 110, Match(in_port=loc.ofport, eth_type=ETH_RARP),
+                           (*activate, *(Output(p) for p in patches), *classify))
 
     def network_flows(self, ctx: Context, net: LogicalSwitch) -> Iterable[Flow]:
         from ferry.core.apps.fip import external_networks
