@@ -202,8 +202,7 @@ class Topology:
                 if isinstance(self.locate(p), Local | Outgoing | Incoming)]
 
     def has_local_port(self, network_id: str) -> bool:
-        return any(isinstance(self.locate(p), Local | Outgoing | Incoming)
-                   for p in self.ports_of(network_id))
+        return bool(self.local_ports_of(network_id))
 
     # -- routers (read-only views for the L3 app and for what a change must recompute) -------
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from ferry.lab import netns as nx
 from ferry.lab.etcd_server import EtcdServer, free_port
 from ferry.lab.lab import BRIDGE_MAPPINGS, Lab, LabError
 from ferry.switch.ovsdb import format_bridge_mappings
@@ -50,22 +51,10 @@ def wait_api(url: str, pid: int, log: Path, timeout: float = READY_TIMEOUT) -> N
                 return
         except httpx.HTTPError:
             pass
-        if not _alive(pid):
+        if not nx.pid_alive(pid):
             raise LabError(f"the API process {pid} died: {_tail(log)}")
         time.sleep(0.05)
     raise LabError(f"the API at {url} did not answer within {timeout}s: {_tail(log)}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().split()[2] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _tail(log: Path, chars: int = 2000) -> str:
@@ -92,7 +81,7 @@ def start_control_plane(lab: Lab, store: str = "memory") -> None:
             api = lab.service("api")
             if api is not None and api.url:
                 break
-            if not _alive(pid) or time.monotonic() > deadline:
+            if not nx.pid_alive(pid) or time.monotonic() > deadline:
                 raise LabError(f"ferry lab serve did not start: {_tail(log)}")
             time.sleep(0.05)
         wait_api(api.url, pid, log)
@@ -135,7 +124,7 @@ def wait_controllers(lab: Lab, timeout: float = READY_TIMEOUT,
                 pid = None
             if ch.controller is not None and pid == ch.controller.pid:
                 break
-            if ch.controller and not _alive(ch.controller.pid):
+            if ch.controller and not nx.pid_alive(ch.controller.pid):
                 raise LabError(f"controller of {ch.name} died: "
                                f"{_tail(Path(ch.rundir) / 'controller.log')}")
             if time.monotonic() > deadline:
@@ -208,7 +197,7 @@ def stop_controller(lab: Lab, chassis: str, sig: int = 9) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
     deadline = time.monotonic() + 10
-    while _alive(pid):
+    while nx.pid_alive(pid):
         if time.monotonic() > deadline:
             raise LabError(f"controller {pid} of {ch.name} did not stop")
         time.sleep(0.01)
