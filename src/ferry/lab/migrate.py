@@ -18,6 +18,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,37 +158,35 @@ async def migration_record(api: Neutron, port_id: str) -> dict[str, Any] | None:
         raise
 
 
-async def wait_claimed(api: Neutron, port_id: str, dest: str, within: float
-                       ) -> dict[str, Any]:
-    """The destination controller has claimed the port (step 1 recorded). The API has no
-    push channel: poll it, as Nova would wait for an event."""
+async def wait_record(api: Neutron, port_id: str, ready: Callable[[dict[str, Any]], bool],
+                      within: float, interval: float = 0.005) -> dict[str, Any]:
+    """The port's Migration record once ``ready`` holds for it. The API has no push channel:
+    poll it, as Nova would wait for an event."""
     async with asyncio.timeout(within):
         while True:
             m = await migration_record(api, port_id)
-            if m and m["dest_chassis"] == dest and m["status"] in ("plugged",
-                                                                   "source_unplugged"):
+            if m and ready(m):
                 return m
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(interval)
+
+
+async def wait_claimed(api: Neutron, port_id: str, dest: str, within: float
+                       ) -> dict[str, Any]:
+    """The destination controller has claimed the port (step 1 recorded)."""
+    return await wait_record(api, port_id, lambda m: m["dest_chassis"] == dest and m[
+        "status"] in ("plugged", "source_unplugged"), within)
 
 
 async def wait_acked(api: Neutron, port_id: str, chassis: set[str], within: float) -> None:
     """Every one of ``chassis`` has acknowledged its flows for the claimed migration."""
-    async with asyncio.timeout(within):
-        while True:
-            m = await migration_record(api, port_id) or {}
-            stamps = m.get("timestamps", {})
-            if all(f"acked.{ch}.plugged" in stamps for ch in chassis):
-                return
-            await asyncio.sleep(0.005)
+    await wait_record(api, port_id, lambda m: all(
+        f"acked.{ch}.plugged" in m.get("timestamps", {}) for ch in chassis), within)
 
 
 async def wait_done(api: Neutron, port_id: str, within: float) -> dict[str, Any] | None:
+    """The record once done or rolled back; as it is if that takes longer than ``within``."""
     try:
-        async with asyncio.timeout(within):
-            while True:
-                m = await migration_record(api, port_id)
-                if m and m["status"] in ("done", "rolled_back"):
-                    return m
-                await asyncio.sleep(0.01)
+        return await wait_record(api, port_id,
+                                 lambda m: m["status"] in ("done", "rolled_back"), within, 0.01)
     except TimeoutError:
         return await migration_record(api, port_id)
