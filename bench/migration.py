@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ferry.demo import TRAFFIC_CLASSES, MigrationResult, run_demo, summary
+from ferry.lab.migrate import LINKS
 
 
 def pct(values: list[float], q: float) -> float:
@@ -54,6 +55,9 @@ def main() -> None:
     ap.add_argument("--unplug-delay-ms", type=float, default=100.0)
     ap.add_argument("--rate-hz", type=float, default=1000.0)
     ap.add_argument("--clients", type=int, default=1, help="probe clients per traffic class")
+    ap.add_argument("--links", choices=LINKS, default="steady",
+                    help="steady: VIF links stay up as QEMU's taps do; flap: the source link "
+                         "goes down at the pause, the destination's comes up at the resume")
     ap.add_argument("--out", type=Path, default=Path("out/bench-migration"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -65,11 +69,11 @@ def main() -> None:
         for i in range(a.migrations * len(modes))]
     results = asyncio.run(run_demo(a.chassis, a.store, len(plan), a.pause_ms,
                                    a.unplug_delay_ms, a.rate_hz, a.out, plan=plan,
-                                   clients_per_class=a.clients))
+                                   clients_per_class=a.clients, links=a.links))
     console = Console()
     console.print(summary(results, f"store {a.store}"))
     table = Table(title=f"downtime beyond the pause per traffic class, store {a.store}, "
-                        f"{a.rate_hz:.0f} Hz probe (ms)")
+                        f"{a.rate_hz:.0f} Hz probe, {a.links} VIF links (ms)")
     for col in ("class", "mode", "pause ms", "n", "p50", "p99", "max", "converge p50",
                 "converge p99", "lost", "dup", "reord"):
         table.add_column(col, justify="right")

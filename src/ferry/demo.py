@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ferry.lab.lab import EXTERNAL_PHYSNET, Lab, destroy_leftovers
-from ferry.lab.migrate import MigrationRun, migrate
+from ferry.lab.migrate import LINKS, MigrationRun, migrate
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
 from ferry.lab.services import start_control_plane
@@ -111,7 +111,8 @@ def convergence_ms(run: MigrationRun) -> float | None:
 async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients: list[str],
                         out: Path, pause_ms: float, unplug_delay_ms: float,
                         rate_hz: float, mode: str | None = None,
-                        targets: dict[str, str] | None = None) -> MigrationResult:
+                        targets: dict[str, str] | None = None,
+                        links: str = "steady") -> MigrationResult:
     run_dir = out / f"migration{number}"
     await asyncio.to_thread(shutil.rmtree, run_dir, True)  # a previous demo's records
     probe = Probe(lab, "vm", clients, out_dir=run_dir, rate_hz=rate_hz, max_duration_s=60,
@@ -120,7 +121,7 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
     try:
         await probe.await_delivered(100)  # a baseline before the move
         run = await migrate(lab, api, "vm", dest, pause_ms=pause_ms,
-                            unplug_delay_ms=unplug_delay_ms, mode=mode)
+                            unplug_delay_ms=unplug_delay_ms, mode=mode, links=links)
         await probe.await_delivered(200, since_ns=int(run.events["done"]))
     finally:
         await probe.astop()
@@ -148,8 +149,12 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                    unplug_delay_ms: float, rate_hz: float, out: Path,
                    keep_lab: bool = False,
                    plan: list[tuple[str | None, float]] | None = None,
-                   clients_per_class: int = 1) -> list[MigrationResult]:
-    """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause)."""
+                   clients_per_class: int = 1, links: str = "steady",
+                   ) -> list[MigrationResult]:
+    """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause).
+    ``links``: how the VIFs show the pause and resume (:data:`ferry.lab.migrate.LINKS`)."""
+    if links not in LINKS:
+        raise ValueError(f"links {links!r}: want one of {', '.join(LINKS)}")
     plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
     console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}")
@@ -168,7 +173,8 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                 if i >= 2 and len(names) > 2:
                     dest = names[(names.index(here) + 1) % len(names)]
                 r = await one_migration(lab, api, i + 1, dest, clients, out, pause,
-                                        unplug_delay_ms, rate_hz, mode, targets)
+                                        unplug_delay_ms, rate_hz, mode, targets,
+                                        links=links)
                 results.append(r)
                 here = dest
                 console.print(f"migration {r.number} ({r.mode}): {r.source} → {r.dest}: downtime "
@@ -222,17 +228,24 @@ def demo_command(
                         ] = False,
     clients: Annotated[int, typer.Option(
         min=1, max=4, help="Probe clients per traffic class (L2 and L3).")] = 1,
+    links: Annotated[str, typer.Option(
+        help="steady: VIF links stay up, as QEMU's taps do (the pause freezes the VM on the "
+             "source; its link goes with Nova's unplug); flap: the source link goes down at "
+             "the pause and the destination's comes up at the resume.")] = "steady",
 ) -> None:
     """Migrate a VM back and forth on a lab of real OVS chassis and report the downtime."""
     if store not in ("memory", "etcd"):
         raise typer.BadParameter(f"{store!r}: memory or etcd", param_hint="--store")
+    if links not in LINKS:
+        raise typer.BadParameter(f"{links!r}: {' or '.join(LINKS)}", param_hint="--links")
     out.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(run_demo(chassis, store, migrations, pause_ms, unplug_delay_ms,
-                                   rate_hz, out, keep_lab, clients_per_class=clients))
+                                   rate_hz, out, keep_lab, clients_per_class=clients,
+                                   links=links))
     console.print(summary(results, f"store {store}"))
     beyond = stats([r.beyond_pause_ms for r in results])
     conv = stats([r.converged_ms for r in results])
-    figures: dict[str, Any] = {"store": store, "pause_ms": pause_ms,
+    figures: dict[str, Any] = {"store": store, "pause_ms": pause_ms, "links": links,
                                "downtime_beyond_pause_ms": beyond, "convergence_ms": conv,
                                "migrations": [asdict(r) for r in results]}
     (out / "figures.json").write_text(json.dumps(figures, indent=1))

@@ -19,6 +19,7 @@ from typing import Any
 from ferry.core.apps.security import CT_EST, CT_INV, CT_NEW, CT_RPL, CT_TRK
 from ferry.switch.flow import (
     OFPP_IN_PORT,
+    Controller,
     Ct,
     Flow,
     GotoTable,
@@ -51,6 +52,7 @@ class Delivery:
 class Walk:
     outputs: list[Delivery] = field(default_factory=list)
     trace: list[Flow] = field(default_factory=list)
+    to_controller: list[tuple[Controller, Packet]] = field(default_factory=list)
 
     @property
     def ports(self) -> list[int]:
@@ -257,6 +259,8 @@ def _run(st: _State, pkt: Packet, table: int, depth: int) -> None:
             _run(st, pkt, action.table, depth + 1)
         elif isinstance(action, Ct):
             _ct(st, action, pkt, depth)
+        elif isinstance(action, Controller):
+            result.to_controller.append((action, dict(pkt)))
         elif isinstance(action, Learn):
             new = learn(action, pkt)
             learned[new.key] = new

@@ -482,7 +482,7 @@ class Lab:
                 "port_id": vm.port_id, "mac": vm.mac, "ip": vm.ip, "ip_cidr": vm.ip_cidr,
                 "gateway": vm.gateway, "mtu": vm.mtu,
                 "vifs": [{"chassis": v.chassis, "guest_if": v.guest_if, "host_if": v.host_if,
-                          "link_up": v.link_up} for v in vm.vifs],
+                          "link_up": v.link_up, "standby": v.standby} for v in vm.vifs],
             })
         return {
             "prefix": st.prefix, "phase": st.phase, "state_file": str(self.state_file),
@@ -620,14 +620,23 @@ class Lab:
                 raise
             return vm
 
-    def plug_vif(self, vm: str, chassis: str | int, link_up: bool = False) -> VifState:
+    def plug_vif(self, vm: str, chassis: str | int, link_up: bool = False,
+                 standby: bool = False) -> VifState:
         """Plug VM ``vm`` into another (or its first) chassis: a new veth whose guest side
         (``ethN``, same MAC/MTU/address) is in the VM namespace and whose host side
         (``tap...``) becomes a br-int port with the VM's iface-id and attached-mac.
 
         With ``link_up=False`` the guest side stays down (a paused migration target): OVS sees
         the port with its link down until :meth:`set_link` brings it up.
+
+        ``standby=True`` is a live migration's destination as a hypervisor prepares it: QEMU
+        has opened its tap, so the link is up at once, but the VM does not run there yet and
+        sends nothing through it: no IPv4 address (the resume adds it, see
+        :mod:`ferry.probe.freeze`) and IPv6 off. The first frame from it is the one sent on
+        resume. IPv4 only.
         """
+        if standby and link_up:
+            raise LabError("a VIF is either up (the VM runs there) or on standby, not both")
         with self._txn():
             v = self.vm(vm)
             ch = self.chassis(chassis)
@@ -642,12 +651,15 @@ class Lab:
             try:
                 nx.veth_add(host_if, ch.netns, guest_if, v.netns)
                 nx.link_set(v.netns, guest_if, "address", v.mac, "mtu", str(v.mtu))
-                nx.ip(v.netns, "addr", "add", v.ip_cidr, "dev", guest_if)
+                if not standby:  # a standby VIF gets its address at the resume
+                    nx.ip(v.netns, "addr", "add", v.ip_cidr, "dev", guest_if)
                 nx.offloads_off(v.netns, guest_if)
                 nx.link_set(ch.netns, host_if, "mtu", str(v.mtu), "up")
                 nx.offloads_off(ch.netns, host_if)
                 if link_up:
                     self._guest_up(v, vif)
+                elif standby:
+                    self._guest_standby(v, vif)
                 self.ovs(ch.name).vsctl(
                     "--may-exist", "add-port", INT_BRIDGE, host_if, "--", "set", "Interface",
                     host_if, f"external_ids:iface-id={v.port_id}",
@@ -668,6 +680,14 @@ class Lab:
             raise LabError(f"no free host interface name for VM {vm.name!r} on {ch.name}")
         return name
 
+    def _guest_standby(self, vm: VmState, vif: VifState) -> None:
+        if ipaddress.ip_interface(vm.ip_cidr).version != 4:
+            raise LabError(f"VM {vm.name}: a standby VIF needs an IPv4 address")
+        # No router solicitation, DAD or MLD report from the standby link: the first frame
+        # the VM sends through it must be the one sent on resume.
+        nx.sysctl(vm.netns, f"net.ipv6.conf.{vif.guest_if}.disable_ipv6", "1")
+        nx.link_set(vm.netns, vif.guest_if, "up")
+
     def _guest_up(self, vm: VmState, vif: VifState) -> None:
         nx.link_set(vm.netns, vif.guest_if, "up")
         if vm.gateway:
@@ -683,10 +703,24 @@ class Lab:
             if vif is None:
                 raise LabError(f"VM {vm!r} is not plugged on {chassis}")
             if up:
+                if vif.standby:  # standby or frozen: no address (the move's resume adds it)
+                    nx.ip(v.netns, "addr", "replace", v.ip_cidr, "dev", vif.guest_if)
                 self._guest_up(v, vif)
             else:
                 nx.link_set(v.netns, vif.guest_if, "down")
-            vif.link_up = up
+            vif.link_up, vif.standby = up, False
+
+    def stop_on(self, vm: str, chassis: str | int, frozen: bool) -> None:
+        """Record that the VM no longer runs on its VIF on ``chassis``: frozen (the link stays
+        up until the VIF is unplugged) or with the link taken down."""
+        if not frozen:
+            self.set_link(vm, chassis, False)
+            return
+        with self._txn():
+            vif = self.vm(vm).vif(self.chassis(chassis).name)
+            if vif is None:
+                raise LabError(f"VM {vm!r} is not plugged on {chassis}")
+            vif.standby = True
 
     def announce(self, vm: str, chassis: str | int, kind: str = "rarp", count: int = 1) -> None:
         """Send what a hypervisor sends after a migration, from the VM's VIF on ``chassis``:

@@ -26,6 +26,13 @@ from ferry.lab.lab import Lab, LabError
 from ferry.lab.neutron import Neutron, NeutronError
 from ferry.model.objects import MIGRATION_MODE_KEY
 
+LINKS = ("steady", "flap")
+"""How the lab's hypervisor pauses and resumes a VM. ``steady``, as QEMU with taps: the
+destination's link is up from the plug, the pause freezes the VM on the source without touching
+its link, the resume sends the RARP; the source link goes with Nova's unplug. ``flap``: the
+source link goes down at the pause and the destination's comes up at the resume, so each
+chassis' OVS reconfigures its port inside the measured downtime."""
+
 
 @dataclass
 class MigrationRun:
@@ -37,6 +44,7 @@ class MigrationRun:
     events: dict[str, float] = field(default_factory=dict)  # name → CLOCK_MONOTONIC ns
     wall: dict[str, float] = field(default_factory=dict)  # name → wall-clock seconds
     profile: dict[str, Any] = field(default_factory=dict)  # binding:profile before the move
+    links: str = "steady"  # how the hypervisor's pause and resume show on the VIFs: LINKS
     mode: str = "?"  # the migration mode the destination decided at its claim
     record: dict[str, Any] | None = None  # the Migration record at the end, if readable
 
@@ -51,11 +59,11 @@ class MigrationRun:
 
 async def migrate(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float = 50.0,
                   unplug_delay_ms: float = 100.0, plug_timeout: float = 10.0,
-                  mode: str | None = None) -> MigrationRun:
+                  mode: str | None = None, links: str = "steady") -> MigrationRun:
     """The whole sequence: :func:`pre_migration`, :func:`stop_and_resume`, a delay,
     :func:`post_migration`, then wait for the controllers to mark the migration done."""
     run = await pre_migration(lab, api, vm, dest, pause_ms=pause_ms,
-                              plug_timeout=plug_timeout, mode=mode)
+                              plug_timeout=plug_timeout, mode=mode, links=links)
     await stop_and_resume(lab, run)
     await asyncio.sleep(unplug_delay_ms / 1000)
     await unplug_source(lab, run)
@@ -67,12 +75,15 @@ async def migrate(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float
 
 async def pre_migration(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float = 50.0,
                         plug_timeout: float | None = 10.0,
-                        mode: str | None = None) -> MigrationRun:
+                        mode: str | None = None, links: str = "steady") -> MigrationRun:
     """Nova's pre-live-migration: an inactive binding for ``dest``, ``migrating_to``, and the
     destination VIF plugged with the VM not running there yet. Waits for the destination's
     claim unless ``plug_timeout`` is None; in live mode also until every chassis with a VM
     has acknowledged its flows for the port (the destination ready before the VM resumes).
-    ``mode`` (spec or live) overrides the deployment's, through the binding's profile."""
+    ``mode`` (spec or live) overrides the deployment's, through the binding's profile.
+    ``links``: one of :data:`LINKS`."""
+    if links not in LINKS:
+        raise LabError(f"links {links!r}: want one of {', '.join(LINKS)}")
     v = lab.vm(vm)
     active = v.active_vif
     if active is None:
@@ -82,7 +93,7 @@ async def pre_migration(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms:
     if dest == source:
         raise LabError(f"VM {vm} already runs on {dest}")
     port = await api.get("port", v.port_id)
-    run = MigrationRun(vm, v.port_id, source, dest, pause_ms,
+    run = MigrationRun(vm, v.port_id, source, dest, pause_ms, links=links,
                        profile=dict(port.get("binding:profile") or {}))
     await api.create_binding(v.port_id, dest,
                              vnic_type=port.get("binding:vnic_type", "normal"),
@@ -90,7 +101,7 @@ async def pre_migration(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms:
     await api.update("port", v.port_id, **{"binding:profile": {**run.profile,
                                                                 "migrating_to": dest}})
     run.mark("binding_created")
-    await asyncio.to_thread(lab.plug_vif, vm, dest, False)
+    await asyncio.to_thread(lab.plug_vif, vm, dest, False, links == "steady")
     run.mark("dest_plugged")
     if plug_timeout is not None:
         m = await wait_claimed(api, v.port_id, dest, plug_timeout)
@@ -107,11 +118,12 @@ async def stop_and_resume(lab: Lab, run: MigrationRun) -> None:
     """libvirt's part: the stop-and-copy pause, then the resume with QEMU's RARP, done inside
     the VM's namespace by one process so that the times are exact to the microsecond."""
     times = await asyncio.to_thread(hypervisor_move, lab, run.vm, run.source, run.dest,
-                                    run.pause_ms)
+                                    run.pause_ms, freeze=run.links == "steady")
     for name, key in (("paused", "down_ns"), ("resumed", "up_ns"), ("announced", "rarp_ns")):
         run.events[name] = times[key]
         run.wall[name] = time.time() - (time.monotonic_ns() - times[key]) / 1e9
-    await asyncio.to_thread(lab.set_link, run.vm, run.source, False)  # the lab's records
+    # the lab's records (no link changes with steady links)
+    await asyncio.to_thread(lab.stop_on, run.vm, run.source, run.links == "steady")
     await asyncio.to_thread(lab.set_link, run.vm, run.dest, True)
 
 
@@ -132,15 +144,19 @@ async def post_migration(api: Neutron, run: MigrationRun) -> None:
 
 
 def hypervisor_move(lab: Lab, vm: str, source: str, dest: str, pause_ms: float,
-                    rarps: int = 1) -> dict[str, int]:
-    """Stop the VM on ``source`` and resume it on ``dest`` after ``pause_ms``, with RARPs."""
+                    rarps: int = 1, freeze: bool = True) -> dict[str, int]:
+    """Stop the VM on ``source`` and resume it on ``dest`` after ``pause_ms``, with RARPs.
+    ``freeze``: the VM stops using its source VIF but the link stays up (else it goes down)."""
     v = lab.vm(vm)
     down, up = v.vif(lab.chassis(source).name), v.vif(lab.chassis(dest).name)
     if down is None or up is None:
         raise LabError(f"VM {vm} must be plugged on both {source} and {dest}")
     r = lab.exec_in_vm(vm, [sys.executable, "-m", "ferry.probe.agent", "move", "--down",
                             down.guest_if, "--up", up.guest_if, "--pause-ms", str(pause_ms),
-                            "--mac", v.mac, "--rarp", str(rarps)])
+                            "--mac", v.mac, "--rarp", str(rarps),
+                            *(["--stop", "freeze", "--address", v.ip_cidr] if freeze
+                              else ["--stop", "down"]),
+                            *(["--gateway", v.gateway] if freeze and v.gateway else [])])
     if r.returncode != 0:
         raise LabError(f"moving {vm} from {source} to {dest} failed: {r.stderr.strip()}")
     times: dict[str, int] = json.loads(r.stdout)

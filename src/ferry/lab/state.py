@@ -71,6 +71,7 @@ class VifState:
     guest_if: str  # in the VM namespace
     host_if: str  # in the chassis namespace, a port of br-int
     link_up: bool = True
+    standby: bool = False  # link up, but the VM does not run here (yet)
 
 
 @dataclass
@@ -93,8 +94,9 @@ class VmState:
 
     @property
     def active_vif(self) -> VifState | None:
-        """The VIF whose link is up (the first one if none or several are)."""
-        up = [v for v in self.vifs if v.link_up]
+        """The VIF the VM runs on: link up and not on standby (the first one if none or
+        several are)."""
+        up = [v for v in self.vifs if v.link_up and not v.standby]
         if len(up) == 1:
             return up[0]
         return self.vifs[0] if self.vifs else None

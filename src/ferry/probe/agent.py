@@ -28,6 +28,7 @@ from types import FrameType
 from typing import Any, BinaryIO
 
 from ferry.probe import records as rc
+from ferry.probe.freeze import Resumer, freeze, prepare_freeze
 
 FLUSH_NS = 20_000_000  # record files are flushed at least every 20 ms (live view)
 _TIMESPEC = struct.Struct("@ll")
@@ -325,27 +326,42 @@ def rarp_frame(mac: str) -> bytes:
 
 
 def run_move(args: argparse.Namespace) -> int:
-    """A hypervisor's stop and resume of a migrating VM, timed to the microsecond: take
-    ``--down`` (the source VIF) down, wait ``--pause-ms``, bring ``--up`` (the destination
-    VIF) up and send RARPs from it at once, as QEMU does on resume. Prints the times as JSON."""
+    """A hypervisor's stop and resume of a migrating VM, timed to the microsecond: stop using
+    ``--down`` (the source VIF), wait ``--pause-ms``, resume on ``--up`` (the destination
+    VIF) and send RARPs from it at once, as QEMU does on resume. ``--stop freeze`` (steady
+    links, see :mod:`ferry.probe.freeze`): the source is frozen and the destination, on
+    standby, gets ``--address`` and ``--gateway`` at the resume. ``--stop down``: the source
+    link goes down and the destination's comes up. Prints the times as JSON."""
     import json
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    raw.bind((args.up, 0))
     frame = rarp_frame(args.mac)
+    steady = args.stop == "freeze"
+    resumer = Resumer(args.up, args.address, args.gateway) if steady else None
+    if steady:
+        prepare_freeze(args.down)
+    # Let this interpreter's start-up burst of CPU pass first: on a small machine it would
+    # otherwise delay the packets of the very moment being measured.
+    time.sleep(args.settle_ms / 1000)
     t0 = time.monotonic_ns()
-    _set_up(sock, args.down, False)
+    if steady:
+        freeze(sock, args.down)
+    else:
+        _set_up(sock, args.down, False)
     t_down = time.monotonic_ns()
     _sleep_until(t0 + int(args.pause_ms * 1e6))
     t_up0 = time.monotonic_ns()
-    _set_up(sock, args.up, True)
+    if resumer is not None:
+        resumer.resume()
+    else:
+        _set_up(sock, args.up, True)
     t_up = time.monotonic_ns()
     sent = 0
-    if args.rarp:
-        raw.bind((args.up, 0))
-        for _ in range(args.rarp):
-            raw.send(frame)
-            sent += 1
+    for _ in range(args.rarp):
+        raw.send(frame)
+        sent += 1
     t_rarp = time.monotonic_ns()
     print(json.dumps({"start_ns": t0, "down_ns": t_down, "up_start_ns": t_up0, "up_ns": t_up,
                       "rarp_ns": t_rarp, "rarps": sent}))
@@ -380,7 +396,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mv.add_argument("--pause-ms", type=float, required=True)
     mv.add_argument("--mac", required=True, help="the VM's MAC (for the RARP)")
     mv.add_argument("--rarp", type=int, default=1, help="RARPs to send on resume (0: none)")
+    mv.add_argument("--settle-ms", type=float, default=50.0,
+                    help="idle time between the start of this process and the stop")
+    mv.add_argument("--stop", choices=("freeze", "down"), default="freeze",
+                    help="freeze: links stay up (the source frozen, the destination on "
+                         "standby gets --address at the resume); down: links go down and up")
+    mv.add_argument("--address", help="the VM's address/prefix (with --stop freeze)")
+    mv.add_argument("--gateway", help="the VM's default gateway (with --stop freeze)")
     args = p.parse_args(argv)
+    if args.role == "move" and args.stop == "freeze" and not args.address:
+        p.error("--stop freeze needs --address")
     if args.role == "client" and not (1 <= args.id <= 0xFFFF and 0 < args.rate <= 100_000):
         p.error("--id must be in 1..65535 and --rate in (0, 100000]")
     return args

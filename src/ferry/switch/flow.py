@@ -395,15 +395,18 @@ class Controller:
     max_len: int = 0xFFFF
     reason: int = OFPR_ACTION
     userdata: bytes = b""
+    controller_id: int = 0  # only connections with this id get the packet-in
 
     def __post_init__(self) -> None:
         _check_range("Controller max_len", self.max_len, 0, 0xFFFF)
         _check_range("Controller reason", self.reason, 0, 0xFF)
+        _check_range("Controller controller_id", self.controller_id, 0, 0xFFFF)
         if not isinstance(self.userdata, bytes):
             raise FlowError("Controller userdata must be bytes")
 
     def __str__(self) -> str:
-        return f"controller(max_len={self.max_len},reason={self.reason})"
+        cid = f",id={self.controller_id}" if self.controller_id else ""
+        return f"controller(max_len={self.max_len},reason={self.reason}{cid})"
 
 
 @dataclass(frozen=True)

@@ -275,9 +275,10 @@ def _action_to_os_ken(action: Action) -> Any:
 def _controller_to_os_ken(action: Controller) -> Any:
     if action.userdata:
         return parser.NXActionController2(max_len=action.max_len, reason=action.reason,
+                                          controller_id=action.controller_id,
                                           userdata=list(action.userdata))
-    if action.reason != OFPR_ACTION:
-        return parser.NXActionController(action.max_len, 0, action.reason)
+    if action.reason != OFPR_ACTION or action.controller_id:
+        return parser.NXActionController(action.max_len, action.controller_id, action.reason)
     return parser.OFPActionOutput(OFPP_CONTROLLER, max_len=action.max_len)
 
 
@@ -428,10 +429,12 @@ def _decode_action(act: Any) -> Action:
     if isinstance(act, parser.NXActionRegMove):
         return RegMove(act.src_field, act.dst_field, act.n_bits, act.src_ofs, act.dst_ofs)
     if isinstance(act, parser.NXActionController):
-        return Controller(max_len=act.max_len, reason=act.reason)
+        return Controller(max_len=act.max_len, reason=act.reason,
+                          controller_id=act.controller_id)
     if isinstance(act, parser.NXActionController2):
         return Controller(max_len=getattr(act, "max_len", 0xFFFF),
                           reason=getattr(act, "reason", OFPR_ACTION),
+                          controller_id=getattr(act, "controller_id", 0),
                           userdata=bytes(getattr(act, "userdata", b"")))
     if isinstance(act, parser.NXActionLearn):
         return Learn(table=act.table_id, specs=tuple(_decode_learn_spec(s) for s in act.specs),
