@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ferry.core.apps.l2 import SLOW_PATH
 from ferry.lab.ovs_instance import OvsInstance
 from ferry.switch.flow import (
     OFPP_IN_PORT,
@@ -220,6 +221,7 @@ def sample_flows() -> list[Flow]:
              cookie=2),
         Flow(1, 70, Match(tun_id=5, tun_ipv4_dst="1.2.3.4", metadata=7),
              (SetField("tunnel_id", 99), Controller(200, userdata=b"hello")), cookie=2),
+        Flow(1, 60, Match(tun_id=6), (Controller(0, controller_id=0xFFFF),), cookie=2),
         Flow(2, 70, Match(in_port=5), (learn,), cookie=2),
         Flow(2, 60, Match(eth_type=0x806, arp_op=1, arp_tpa="10.0.0.1", arp_spa="10.0.0.2",
                           arp_sha="02:00:00:00:00:02"), (), cookie=2),
@@ -399,6 +401,28 @@ async def test_packet_in_delivered(ovs: OvsInstance, switch: Switch, events: Eve
     async with asyncio.timeout(TIMEOUT):
         second = await events.packet_ins.get()
     assert second.data == frame
+
+
+@pytest.mark.ovs
+async def test_slow_path_action_reaches_no_controller(ovs: OvsInstance, switch: Switch,
+                                                      events: Events) -> None:
+    """SLOW_PATH (a controller action for a connection id nobody has) keeps a flow out of
+    the datapath cache and sends nothing to us: of the two controller actions here, only
+    the ordinary one arrives."""
+    flow = Flow(0, 10, Match(eth_type=0x88B6), (SLOW_PATH, Controller()), cookie=0x43)
+    await switch.apply([flow])
+    frame = bytes.fromhex("ffffffffffff" "020000000001" "88b6") + b"ferry-slow".ljust(46, b"\0")
+    await switch.packet_out(frame, [Output(OFPP_TABLE)])
+    async with asyncio.timeout(TIMEOUT):
+        first = await events.packet_ins.get()
+    assert first.data == frame and first.cookie == 0x43
+    await switch.echo()
+    await switch.packet_out(frame, [Output(OFPP_TABLE)])
+    async with asyncio.timeout(TIMEOUT):
+        second = await events.packet_ins.get()
+    assert second.data == frame  # the same single packet-in per packet, nothing in between
+    await switch.echo()
+    assert events.packet_ins.empty()
 
 
 @pytest.mark.ovs
