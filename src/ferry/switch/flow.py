@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 # Reserved OpenFlow 1.3 port numbers.
 OFPP_MAX = 0xFFFFFF00
@@ -417,6 +417,28 @@ class DecTtl:
         return "dec_ttl"
 
 
+def _resolve_bits(spec: Any, src: str | None = None) -> tuple[str, int]:
+    """Canonical names and ``n_bits`` (default: the rest of ``dst``) of a learn spec, set and
+    checked; ``src`` for the specs that copy bits from the packet."""
+    dst = canonical_field(spec.dst)
+    src = canonical_field(src) if src is not None else None
+    n_bits = spec.n_bits if spec.n_bits is not None else field_width(dst) - spec.dst_ofs
+    _set(spec, "dst", dst)
+    if src is not None:
+        _set(spec, "src", src)
+    _set(spec, "n_bits", n_bits)
+    _check_bits(dst, spec.dst_ofs, n_bits)
+    if src is not None:
+        _check_bits(src, spec.src_ofs, n_bits)
+    return dst, n_bits
+
+
+def _resolve_value(spec: Any) -> None:
+    """LearnMatchValue / LearnLoadValue: an immediate value that must fit."""
+    dst, n_bits = _resolve_bits(spec)
+    _check_range(f"learn value for {dst}", spec.value, 0, (1 << n_bits) - 1)
+
+
 @dataclass(frozen=True)
 class LearnMatch:
     """Learned flow matches ``dst[dst_ofs:+n_bits]`` == this packet's ``src[src_ofs:]``.
@@ -432,14 +454,7 @@ class LearnMatch:
     src_ofs: int = 0
 
     def __post_init__(self) -> None:
-        dst = canonical_field(self.dst)
-        src = canonical_field(self.src if self.src is not None else dst)
-        n_bits = self.n_bits if self.n_bits is not None else field_width(dst) - self.dst_ofs
-        _set(self, "dst", dst)
-        _set(self, "src", src)
-        _set(self, "n_bits", n_bits)
-        _check_bits(dst, self.dst_ofs, n_bits)
-        _check_bits(src, self.src_ofs, n_bits)
+        _resolve_bits(self, self.src if self.src is not None else self.dst)
 
 
 @dataclass(frozen=True)
@@ -452,12 +467,7 @@ class LearnMatchValue:
     dst_ofs: int = 0
 
     def __post_init__(self) -> None:
-        dst = canonical_field(self.dst)
-        n_bits = self.n_bits if self.n_bits is not None else field_width(dst) - self.dst_ofs
-        _set(self, "dst", dst)
-        _set(self, "n_bits", n_bits)
-        _check_bits(dst, self.dst_ofs, n_bits)
-        _check_range(f"learn value for {dst}", self.value, 0, (1 << n_bits) - 1)
+        _resolve_value(self)
 
 
 @dataclass(frozen=True)
@@ -471,14 +481,7 @@ class LearnLoad:
     src_ofs: int = 0
 
     def __post_init__(self) -> None:
-        dst = canonical_field(self.dst)
-        src = canonical_field(self.src)
-        n_bits = self.n_bits if self.n_bits is not None else field_width(dst) - self.dst_ofs
-        _set(self, "dst", dst)
-        _set(self, "src", src)
-        _set(self, "n_bits", n_bits)
-        _check_bits(dst, self.dst_ofs, n_bits)
-        _check_bits(src, self.src_ofs, n_bits)
+        _resolve_bits(self, self.src)
 
 
 @dataclass(frozen=True)
@@ -491,12 +494,7 @@ class LearnLoadValue:
     dst_ofs: int = 0
 
     def __post_init__(self) -> None:
-        dst = canonical_field(self.dst)
-        n_bits = self.n_bits if self.n_bits is not None else field_width(dst) - self.dst_ofs
-        _set(self, "dst", dst)
-        _set(self, "n_bits", n_bits)
-        _check_bits(dst, self.dst_ofs, n_bits)
-        _check_range(f"learn value for {dst}", self.value, 0, (1 << n_bits) - 1)
+        _resolve_value(self)
 
 
 @dataclass(frozen=True)
