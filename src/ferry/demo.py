@@ -152,9 +152,8 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                    clients_per_class: int = 1, links: str = "steady",
                    ) -> list[MigrationResult]:
     """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause).
-    ``links``: how the VIFs show the pause and resume (:data:`ferry.lab.migrate.LINKS`)."""
-    if links not in LINKS:
-        raise ValueError(f"links {links!r}: want one of {', '.join(LINKS)}")
+    ``links``: how the VIFs show the pause and resume (:data:`ferry.lab.migrate.LINKS`,
+    checked by :func:`ferry.lab.migrate.pre_migration`)."""
     plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
     console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}")

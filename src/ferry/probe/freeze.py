@@ -98,6 +98,3 @@ class Resumer:
                     if code and -code != errno.EEXIST:
                         raise OSError(-code, f"resuming on {self.dev}: {os.strerror(-code)}")
                 offset += max(length + (-length % 4), _NLMSGHDR.size)
-
-    def close(self) -> None:
-        self.sock.close()
