@@ -1,7 +1,8 @@
 """Live migrations under the 1 kHz probe on one real lab, both migration modes side by side
 (spec: the spec's three steps; live: bound to both chassis, activated in the datapath), with
 the given pause and with no pause at all. Per mode and pause: downtime beyond the pause
-p50/p99/max, convergence (step 2 seen → flows acked on every chassis) p50/p99, and packets
+p50/p99/max, convergence (the controllers' switch: the destination's report of the activation
+in live mode, step 2 in spec mode → flows acked on every chassis) p50/p99, and packets
 lost, duplicated and reordered, per traffic class: L2 (clients on the VM's network), L3
 (clients on another subnet, through a distributed router) and FIP (the lab's outside host,
 to the VM's floating IP over the external network).

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ferry.core.chassis import ChassisCore
+from ferry.core.chassis import ChassisCore, Output
 from ferry.core.topology import Vif
 from ferry.core.walk import Conntrack, walk
 from ferry.model.objects import (
@@ -38,12 +38,15 @@ class Fabric:
     """Flows each chassis' datapath learned (learn actions), as OVS keeps them."""
     conntrack: dict[str, Conntrack] = field(default_factory=dict)
     """Each chassis' connection tracker (not shared: a migration does not carry it)."""
+    reported: dict[str, list[Output]] = field(default_factory=dict)
+    """What each core made of the packet-ins its switch sent to it (connection id 0)."""
 
     def add_chassis(self, name: str, tunnel_ip: str) -> ChassisCore:
         core = ChassisCore(name, tunnel_ofport=TUNNEL_OFPORT)
         self.cores[name] = core
         self.learned[name] = {}
         self.conntrack[name] = Conntrack()
+        self.reported[name] = []
         self.tunnel_ips[tunnel_ip] = name
         return core
 
@@ -75,8 +78,11 @@ class Fabric:
         assert hops < 4, "packet bounced between chassis"
         flows = list(self.cores[chassis].desired().values())
         my_ip = next(ip for ip, name in self.tunnel_ips.items() if name == chassis)
-        for d in walk(flows, pkt, learned=self.learned[chassis],
-                      conntrack=self.conntrack[chassis]).outputs:
+        w = walk(flows, pkt, learned=self.learned[chassis], conntrack=self.conntrack[chassis])
+        for p in w.to_controller:
+            if p.action.controller_id == 0:
+                self.reported[chassis] += self.cores[chassis].packet_in(p.table, p.cookie)
+        for d in w.outputs:
             if d.port == TUNNEL_OFPORT:
                 dst = self.tunnel_ips[d.packet["tun_ipv4_dst"]]
                 assert dst != chassis, "tunnelled to itself"

@@ -195,6 +195,27 @@ def test_binding_activation_conflict_and_mapping(api: Api) -> None:
                                                                     ("h2", "INACTIVE")]
 
 
+def test_ferry_binding_profile_values_are_checked(api: Api) -> None:
+    """binding:profile keys of Ferry's own take only their values, on every way in."""
+    net, _ = _net(api)
+    port = api.ok("POST", "/ports", {"port": {"network_id": net, "device_owner": "compute:az",
+                                              "binding:host_id": "h1"}})
+    pid = port["id"]
+    msg = api.error("POST", f"/ports/{pid}/bindings",
+                    {"binding": {"host": "h2", "profile": {"ferry_live_fallback": "never"}}},
+                    400, "InvalidInput")
+    assert "ferry_live_fallback must be one of source-unplug, binding, not 'never'" in msg
+    msg = api.error("PUT", f"/ports/{pid}",
+                    {"port": {"binding:profile": {"ferry_migration_mode": "fast"}}},
+                    400, "InvalidInput")
+    assert "ferry_migration_mode" in msg and "binding:profile" in msg
+    api.error("POST", "/ports", {"port": {"network_id": net, "binding:profile": {
+        "ferry_migration_mode": "fast"}}}, 400, "InvalidInput")
+    b = api.ok("POST", f"/ports/{pid}/bindings", {"binding": {"host": "h2", "profile": {
+        "ferry_live_fallback": "binding", "ferry_migration_mode": "live"}}})
+    assert b["profile"]["ferry_live_fallback"] == "binding"
+
+
 def test_concurrent_writes_lose_nothing(api: Api) -> None:
     """Concurrent creates get distinct addresses; concurrent router interface additions
     (read-modify-write of one router) are all kept."""

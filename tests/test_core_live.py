@@ -6,12 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from ferry.core.apps.l2 import SLOW_PATH
 from ferry.core.chassis import ChassisCore
+from ferry.core.migration import Activated, Claim
 from ferry.core.topology import Vif
 from ferry.core.walk import walk
 from ferry.model.objects import (
     BindingStatus,
+    LiveFallback,
+    LogicalPort,
     Migration,
     MigrationMode,
     MigrationStatus,
@@ -41,17 +46,21 @@ class Live:
         self.v += 1
         self.fab.publish(net1_port("b1", 21, VM_MAC, VM_IP, bindings, self.v))
 
-    def record(self, status: MigrationStatus) -> None:
+    def record(self, status: MigrationStatus, *, activated: bool = False,
+               fallback: LiveFallback = LiveFallback.SOURCE_UNPLUG) -> None:
+        """Publish the port's Migration record as the agents would have written it."""
         self.mv += 1
+        self.fallback = fallback if self.mv == 1 else self.fallback
         self.fab.publish(Migration(id="b1", topic=P, port_id="b1", source_chassis="ch2",
                                    dest_chassis="ch3", status=status, mode=MigrationMode.LIVE,
+                                   fallback=self.fallback, activated=activated,
                                    version=self.mv))
 
-    def step1(self) -> None:
+    def step1(self, fallback: LiveFallback = LiveFallback.SOURCE_UNPLUG) -> None:
         self.b1([PortBinding(host="ch2", profile={"migrating_to": "ch3"}),
                  PortBinding(host="ch3", status=BindingStatus.INACTIVE)])
         self.fab.cores["ch3"].vif_online(Vif("b1", DST[1], "tap20"))
-        self.record(MigrationStatus.PLUGGED)
+        self.record(MigrationStatus.PLUGGED, fallback=fallback)
 
     def resume_with_rarp(self) -> list[tuple[str, int]]:
         """The VM resumes on ch3 and sends QEMU's RARP from its new VIF."""
@@ -180,8 +189,107 @@ def test_the_destination_never_lets_the_datapath_cache_its_pre_activation_decisi
 
     def slow_path_here() -> bool:
         w = walk(list(ch3.desired().values()), dict(pkt), learned=r.fab.learned["ch3"])
-        return any(action == SLOW_PATH for action, _ in w.to_controller)
+        return any(p.action == SLOW_PATH for p in w.to_controller)
 
     assert slow_path_here() and r.to_vm("a3") == [SRC]
     r.resume_with_rarp()
     assert not slow_path_here() and r.to_vm("a3") == [DST]
+
+
+def test_the_destination_reports_the_activation_once() -> None:
+    """The datapath activates the port by itself and then tells its controller: one
+    packet-in for the first frame, none for the frames after it."""
+    r = Live()
+    r.step1()
+    assert r.fab.reported["ch3"] == []
+    r.resume_with_rarp()
+    assert r.fab.reported["ch3"] == [Activated("b1", "ch3")]
+    r.resume_with_rarp()
+    r.fab.deliveries("ch3", DST[1], eth_src=VM_MAC, eth_dst=CLIENTS["a1"][2], eth_type=0x0800,
+                     ipv4_src=VM_IP, ipv4_dst=CLIENTS["a1"][3], ip_proto=17)
+    assert r.fab.reported["ch3"] == [Activated("b1", "ch3")]
+    assert all(not reports for ch, reports in r.fab.reported.items() if ch != "ch3")
+
+
+def test_the_reported_activation_converges_every_chassis_with_no_disturbance() -> None:
+    r = Live()
+    r.step1()
+    r.resume_with_rarp()
+    r.record(MigrationStatus.PLUGGED, activated=True)  # the destination's report, published
+    assert r.everyone_to_vm() == at(DST)
+    # The controllers now want what the datapaths learned: the port is simply on ch3.
+    for name, core in r.fab.cores.items():
+        desired = core.desired()
+        assert all(desired.get(k) in (None, f) for k, f in r.fab.learned[name].items()), name
+    # The stopped copy on ch2 (its VIF still plugged: Nova has not run its post-migration)
+    # can no longer send anything.
+    assert r.fab.send("ch2", SRC[1], eth_src=VM_MAC, eth_dst=CLIENTS["a1"][2],
+                      eth_type=0x0800, ipv4_src=VM_IP, ipv4_dst=CLIENTS["a1"][3],
+                      ip_proto=17) == []
+    r.fab.unplug("ch2", "b1")
+    r.record(MigrationStatus.SOURCE_UNPLUGGED, activated=True)
+    assert r.everyone_to_vm() == at(DST)
+    r.b1([PortBinding(host="ch3")])
+    r.record(MigrationStatus.DONE, activated=True)
+    r.reconcile()
+    assert r.everyone_to_vm() == at(DST)
+    r.assert_converged()
+
+
+def test_the_binding_fallback_waits_for_step_three_when_the_vm_is_silent() -> None:
+    """fallback=binding: the source unplug does not switch a port the VM never activated;
+    nothing reaches either copy until step 3 (or the VM's first frame)."""
+    r = Live()
+    r.step1(LiveFallback.BINDING)
+    r.fab.unplug("ch2", "b1")
+    r.record(MigrationStatus.SOURCE_UNPLUGGED)
+    assert r.everyone_to_vm() == {c: [] for c in CLIENTS}
+    r.b1([PortBinding(host="ch3")])
+    assert r.everyone_to_vm() == at(DST)
+    r.record(MigrationStatus.DONE)
+    r.reconcile()
+    r.assert_converged()
+
+
+def test_the_binding_fallback_still_activates_on_a_late_first_frame() -> None:
+    r = Live()
+    r.step1(LiveFallback.BINDING)
+    r.fab.unplug("ch2", "b1")
+    r.record(MigrationStatus.SOURCE_UNPLUGGED)
+    r.resume_with_rarp()
+    assert r.fab.reported["ch3"] == [Activated("b1", "ch3")]
+    assert r.everyone_to_vm() == at(DST)
+    r.record(MigrationStatus.SOURCE_UNPLUGGED, activated=True)
+    assert r.everyone_to_vm() == at(DST)
+
+
+def test_the_fallback_is_the_deployments_unless_the_port_says_otherwise() -> None:
+    def claim(core: ChassisCore, profile: dict[str, str]) -> Claim:
+        for objs in three_chassis().cores["ch1"].topology.objects.values():
+            for obj in objs.values():
+                core.nb_updated(obj)
+        core.nb_updated(net1_port("b1", 21, VM_MAC, VM_IP, [
+            PortBinding(host="ch2", profile={"migrating_to": "ch3"}),
+            PortBinding(host="ch3", status=BindingStatus.INACTIVE, profile=profile)]))
+        claims = [o for o in core.vif_online(Vif("b1", DST[1], "tap20"))
+                  if isinstance(o, Claim)]
+        assert len(claims) == 1
+        return claims[0]
+
+    assert claim(ChassisCore("ch3"), {}).fallback is LiveFallback.SOURCE_UNPLUG
+    binding = ChassisCore("ch3", live_fallback=LiveFallback.BINDING)
+    assert claim(binding, {}).fallback is LiveFallback.BINDING
+    assert claim(ChassisCore("ch3"), {"ferry_live_fallback": "binding"}).fallback is (
+        LiveFallback.BINDING)
+    assert claim(binding, {"ferry_live_fallback": "source-unplug"}).fallback is (
+        LiveFallback.SOURCE_UNPLUG)
+
+
+def test_a_bad_ferry_profile_value_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="ferry_live_fallback must be one of source-unplug, "
+                       "binding, not 'never'"):
+        PortBinding(host="ch3", profile={"ferry_live_fallback": "never"})
+    with pytest.raises(ValueError, match="ferry_migration_mode must be one of spec, live, "
+                       "not 'fast'"):
+        LogicalPort(id="b1", topic=P, network_id="net1", mac=VM_MAC,
+                    binding_profile={"ferry_migration_mode": "fast"})

@@ -41,7 +41,7 @@ class MigrationResult:
     lost: int
     duplicated: int
     reordered: int
-    converged_ms: float | None  # step 2 seen → last chassis' flows acked
+    converged_ms: float | None  # activation reported (live) or step 2 → last chassis acked
     plot: str
     mode: str = "?"
     by_class: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -99,10 +99,13 @@ async def build(lab: Lab, api: Neutron, n_clients: int
 
 
 def convergence_ms(run: MigrationRun) -> float | None:
+    """From the controllers' switch (the destination's report of the activation in live
+    mode, else step 2) to the last chassis' flows acked for it."""
     stamps: dict[str, float] = (run.record or {}).get("timestamps", {})
-    start = stamps.get("source_unplugged")
+    phase = "activated" if "activated" in stamps else "source_unplugged"
+    start = stamps.get(phase)
     acks = [t for k, t in stamps.items() if k.startswith("acked.") and
-            k.endswith(".source_unplugged")]
+            k.endswith(f".{phase}")]
     if start is None or not acks:
         return None
     return (max(acks) - start) * 1000

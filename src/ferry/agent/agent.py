@@ -28,6 +28,7 @@ from ferry.core.topology import Local, Vif
 from ferry.model.northbound import InvalidObject, Northbound
 from ferry.model.objects import (
     Chassis,
+    LiveFallback,
     LogicalPort,
     Migration,
     MigrationMode,
@@ -35,7 +36,7 @@ from ferry.model.objects import (
 )
 from ferry.store.base import GLOBAL, Store, StoreError
 from ferry.switch.flow import Output as FlowOutput
-from ferry.switch.openflow import ConnectionLost, Switch
+from ferry.switch.openflow import ConnectionLost, PacketIn, Switch
 from ferry.switch.ovsdb import ChassisOvsdb, VifOffline, VifOnline
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class AgentConfig:
     bridge_mappings: dict[str, str] = field(default_factory=dict)
     migration_mode: MigrationMode = MigrationMode.LIVE
     """How migrations this chassis claims are run (a port's binding profile may override)."""
+    live_fallback: LiveFallback = LiveFallback.SOURCE_UNPLUG
+    """Live mode, for migrations this chassis claims: what switches a port that the VM's
+    first frame never activated (a port's binding profile may override)."""
     ovs_rundir: Path | None = None
     """ovs-vswitchd's run directory (its control socket); default: the OVSDB socket's."""
 
@@ -83,8 +87,10 @@ class ChassisAgent:
         self.store = store
         self.nb = Northbound(store)
         self.clock = clock
-        self.core = ChassisCore(config.chassis, migration_mode=config.migration_mode)
-        self.switch = Switch(f"{config.chassis}/{config.bridge}")
+        self.core = ChassisCore(config.chassis, migration_mode=config.migration_mode,
+                                live_fallback=config.live_fallback)
+        self.switch = Switch(f"{config.chassis}/{config.bridge}",
+                             on_packet_in=self._on_packet_in)
         self.flows = FlowSync(config.chassis, self.switch, self.core.desired,
                               len(self.core.apps), clock)
         self.switch.on_connected = self._on_switch_connected
@@ -193,6 +199,12 @@ class ChassisAgent:
         self.flows.mark_dirty()
         self._derived(events)
         self._announce_fips()
+
+    def _on_packet_in(self, event: PacketIn) -> None:
+        events = self.core.packet_in(event.table_id, event.cookie)
+        if events:
+            self.flows.mark_dirty()
+            self._derived(events)
 
     async def _vif_loop(self) -> None:
         async for event in self.ovsdb.events():

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from ferry.agent.agent import AgentConfig, ChassisAgent
-from ferry.model.objects import MigrationMode
+from ferry.model.objects import LiveFallback, MigrationMode
 from ferry.store import StoreURLError, open_store
 from ferry.switch.ovsdb import parse_bridge_mappings
 
@@ -39,6 +39,11 @@ def controller_command(
         help="live: bound to both chassis from the plug, activated in the datapath by the "
         "VM's first frame; spec: the spec's three steps only. A port's binding:profile "
         "ferry_migration_mode overrides it.")] = MigrationMode.LIVE,
+    live_fallback: Annotated[LiveFallback, typer.Option(
+        help="live mode, when the VM sends nothing on its new chassis (no RARP, as with "
+        "vhost-user): source-unplug switches the port when Nova unplugs the source VIF; "
+        "binding waits for the destination binding to become active. A port's "
+        "binding:profile ferry_live_fallback overrides it.")] = LiveFallback.SOURCE_UNPLUG,
 ) -> None:
     """Run the Ferry controller of one chassis."""
     try:
@@ -59,7 +64,8 @@ def controller_command(
         raise typer.BadParameter(str(e), param_hint="--store") from None
     setup_logging(log_level)
     cfg = AgentConfig(chassis=chassis, tunnel_ip=tunnel_ip, ovsdb_url=ovsdb, rundir=rundir,
-                      bridge=bridge, bridge_mappings=mappings, migration_mode=migration_mode)
+                      bridge=bridge, bridge_mappings=mappings, migration_mode=migration_mode,
+                      live_fallback=live_fallback)
     asyncio.run(_run(ChassisAgent(cfg, backend)))
 
 

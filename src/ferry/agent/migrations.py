@@ -2,9 +2,10 @@
 
 Every write is a compare-and-swap (``Northbound.modify``) re-checked against the record as it
 is now, so repeated or late intents are harmless. Timestamps are wall-clock seconds
-(``time.time``, passed in) keyed by what happened: ``plugged``, ``source_unplugged``,
-``bound``, ``rolled_back``, and ``acked.<chassis>.<status>`` once a chassis' flows for the
-port's new location were acknowledged by its switch.
+(``time.time``, passed in) keyed by what happened: ``plugged``, ``activated`` (live mode: the
+destination's datapath reported the VM's first frame), ``source_unplugged``, ``bound``,
+``rolled_back``, and ``acked.<chassis>.<phase>`` once a chassis' flows for the port's new
+location were acknowledged by its switch (phase: the status, or ``activated``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from ferry.core.migration import Abandon, Claim, ClaimRefused, Complete, Intent, SourceGone
+from ferry.core.migration import (
+    Abandon,
+    Activated,
+    Claim,
+    ClaimRefused,
+    Complete,
+    Intent,
+    SourceGone,
+)
 from ferry.model.northbound import InvalidObject, Northbound
 from ferry.model.objects import LogicalPort, Migration, MigrationStatus
 from ferry.store.base import NotFound, StoreError
@@ -44,6 +53,8 @@ class MigrationPublisher:
                         intent.bound_to)
         elif isinstance(intent, Claim):
             await self._claim(intent, now)
+        elif isinstance(intent, Activated):
+            await self._activated(intent.port_id, now)
         elif isinstance(intent, SourceGone):
             await self._advance(intent.port_id, MigrationStatus.PLUGGED,
                                 MigrationStatus.SOURCE_UNPLUGGED, "source_unplugged", now)
@@ -61,7 +72,7 @@ class MigrationPublisher:
             return
         new = Migration(id=c.port_id, topic=port.topic, port_id=c.port_id,
                         source_chassis=c.source, dest_chassis=c.dest, mode=c.mode,
-                        timestamps={"plugged": now})
+                        fallback=c.fallback, timestamps={"plugged": now})
         old = await self.nb.get(Migration, c.port_id)
         if old is None:
             await self.nb.create(new)
@@ -72,6 +83,23 @@ class MigrationPublisher:
             await self.nb.update(new.model_copy(update={"version": old.version}))
         log.info("chassis %s: port %s: migration %s → %s claimed (step 1, %s mode)",
                  self.chassis, c.port_id, c.source, c.dest, c.mode.value)
+
+    async def _activated(self, port_id: str, now: float) -> None:
+        def change(m: Migration) -> Migration:
+            if m.activated or m.dest_chassis != self.chassis or m.status not in (
+                MigrationStatus.PLUGGED, MigrationStatus.SOURCE_UNPLUGGED
+            ):
+                return m
+            return m.model_copy(update={"activated": True,
+                                        "timestamps": {**m.timestamps, "activated": now}})
+
+        try:
+            m = await self.nb.modify(Migration, port_id, change)
+        except NotFound:
+            return
+        if m.activated:
+            log.info("chassis %s: port %s: migration %s → %s: activated by the VM's first "
+                     "frame here", self.chassis, port_id, m.source_chassis, m.dest_chassis)
 
     async def _advance(self, port_id: str, only_from: MigrationStatus | None,
                        to: MigrationStatus, stamp: str, now: float) -> None:
@@ -95,7 +123,10 @@ class MigrationPublisher:
         """Record when this chassis' flows for the port's current location were acked."""
         async with self._lock:
             def change(m: Migration) -> Migration:
-                key = f"acked.{self.chassis}.{m.status.value}"
+                phase = "activated" if m.activated and m.status in (
+                    MigrationStatus.PLUGGED, MigrationStatus.SOURCE_UNPLUGGED) else (
+                    m.status.value)
+                key = f"acked.{self.chassis}.{phase}"
                 if key in m.timestamps:
                     return m
                 return m.model_copy(update={"timestamps": {**m.timestamps, key: at}})

@@ -16,10 +16,11 @@ from ferry.core import migration
 from ferry.core.apps import ALL_APPS, fip, security
 from ferry.core.apps.base import App, Context
 from ferry.core.migration import Intent
-from ferry.core.pipeline import check_flow
+from ferry.core.pipeline import check_flow, table
 from ferry.core.topology import Location, Placed, Topology, Vif
 from ferry.model.objects import (
     Chassis,
+    LiveFallback,
     LogicalPort,
     LogicalRouter,
     LogicalSwitch,
@@ -38,6 +39,7 @@ FlowKey = tuple[int, int, object]
 # Cookies say which app and which object own a flow: app index in the top byte, owner kind in
 # the next, the object's key below. Flows are deleted only by (key, cookie): never loosely.
 _KIND = {"static": 0, "network": 1, "port": 2}
+KEY_MASK = (1 << 48) - 1
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,10 @@ class ChassisCore:
 
     def __init__(self, chassis: str, apps: Sequence[App] = ALL_APPS,
                  tunnel_ofport: int | None = None,
-                 migration_mode: MigrationMode = MigrationMode.LIVE) -> None:
-        self.topology = Topology(chassis, migration_mode=migration_mode)
+                 migration_mode: MigrationMode = MigrationMode.LIVE,
+                 live_fallback: LiveFallback = LiveFallback.SOURCE_UNPLUG) -> None:
+        self.topology = Topology(chassis, migration_mode=migration_mode,
+                                 live_fallback=live_fallback)
         self.apps = tuple(apps)
         self.tunnel_ofport = tunnel_ofport
         self.patch_ofports: dict[str, int] = {}
@@ -123,6 +127,18 @@ class ChassisCore:
         out = self._refresh_ports([iface_id, *self._rezoned(zones)])
         port = self.topology.get(LogicalPort, iface_id)
         return out + (migration.on_vif_offline(self.topology, port) if port else [])
+
+    def packet_in(self, table_id: int, cookie: int) -> list[Output]:
+        """A packet-in from this chassis' switch: the table and cookie of the flow that sent
+        it. Only the live-migration activation report means anything; the rest is ignored."""
+        if table_id != table("activation") or cookie >> 48 & 0xFF != _KIND["port"]:
+            return []
+        key = cookie & KEY_MASK
+        port = next((p for p in self.topology.table(LogicalPort).values()
+                     if p.tunnel_key == key), None)
+        if port is None:
+            return []
+        return list(migration.on_activated(self.topology, port))
 
     # -- outputs -----------------------------------------------------------------------------
 

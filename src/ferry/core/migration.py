@@ -14,6 +14,10 @@ chassis disagreeing once step 3 (the binding moved) has arrived.
 3. Destination: the binding now names this chassis → ``Complete``.
 A destination whose VIF goes away before the source's, or that lost its authorization,
 ``Abandon``s: the source kept the port all along.
+
+Live mode adds one report: the destination's datapath activated the port on the VM's first
+frame there and told this chassis (a packet-in) → ``Activated``; every chassis then forwards
+to the destination, as the datapaths already do.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from dataclasses import dataclass
 
 from ferry.core.topology import Topology, authorized
 from ferry.model.objects import (
+    LIVE_FALLBACK_KEY,
     MIGRATION_MODE_KEY,
+    LiveFallback,
     LogicalPort,
     Migration,
     MigrationMode,
@@ -36,6 +42,16 @@ class Claim:
     source: str
     dest: str
     mode: MigrationMode = MigrationMode.LIVE
+    fallback: LiveFallback = LiveFallback.SOURCE_UNPLUG
+
+
+@dataclass(frozen=True)
+class Activated:
+    """Live mode, destination: the VM's first frame here activated the port (in the
+    datapath, which reported it afterwards)."""
+
+    port_id: str
+    dest: str
 
 
 @dataclass(frozen=True)
@@ -65,7 +81,7 @@ class Abandon:
     reason: str
 
 
-Intent = Claim | ClaimRefused | SourceGone | Complete | Abandon
+Intent = Claim | ClaimRefused | Activated | SourceGone | Complete | Abandon
 
 ACTIVE = (MigrationStatus.PLUGGED, MigrationStatus.SOURCE_UNPLUGGED)
 
@@ -96,9 +112,18 @@ def on_vif_offline(topo: Topology, port: LogicalPort) -> list[Intent]:
         return []
     if m.source_chassis == me and port.host == me and m.status is MigrationStatus.PLUGGED:
         return [SourceGone(port.id, me, m.dest_chassis)]
-    if m.dest_chassis == me and m.status is MigrationStatus.PLUGGED and port.host != me:
+    if (m.dest_chassis == me and m.status is MigrationStatus.PLUGGED and port.host != me
+            and not m.activated):
         return [Abandon(port.id, me, "the destination VIF went away before the source's")]
     return []
+
+
+def on_activated(topo: Topology, port: LogicalPort) -> list[Intent]:
+    """The datapath here reports the port activated by the VM's first frame."""
+    m = topo.live_migration(port)
+    if m is None or m.dest_chassis != topo.chassis or port.id not in topo.vifs:
+        return []  # a late or repeated report: the migration moved on
+    return [Activated(port.id, topo.chassis)]
 
 
 def on_port_changed(topo: Topology, port: LogicalPort) -> list[Intent]:
@@ -125,22 +150,24 @@ def _level(topo: Topology, port: LogicalPort) -> list[Intent]:
     claimable = (here and host is not None and host != me and authorized(port, me)
                  and port.id not in topo.home_vifs)
     if claimable and host is not None and (m is None or m.source_chassis != host):
-        return [Claim(port.id, host, me, mode_for(topo, port))]
+        return [Claim(port.id, host, me, mode_for(topo, port), fallback_for(topo, port))]
     return []
 
 
 def mode_for(topo: Topology, port: LogicalPort) -> MigrationMode:
     """The deployment's mode, unless the port's binding profile overrides it."""
+    return MigrationMode(_profile_value(topo, port, MIGRATION_MODE_KEY, topo.migration_mode))
+
+
+def fallback_for(topo: Topology, port: LogicalPort) -> LiveFallback:
+    """The deployment's live-mode fallback, unless the port's binding profile overrides it."""
+    return LiveFallback(_profile_value(topo, port, LIVE_FALLBACK_KEY, topo.live_fallback))
+
+
+def _profile_value(topo: Topology, port: LogicalPort, key: str, default: str) -> str:
+    """The destination binding's profile, else the active one's, else the port's requested
+    one (the model checks the values); else the deployment's ``default``."""
     for binding in (port.binding_for(topo.chassis), port.active_binding):
-        if binding is not None and MIGRATION_MODE_KEY in binding.profile:
-            return _mode(binding.profile[MIGRATION_MODE_KEY], topo.migration_mode)
-    if MIGRATION_MODE_KEY in port.binding_profile:
-        return _mode(port.binding_profile[MIGRATION_MODE_KEY], topo.migration_mode)
-    return topo.migration_mode
-
-
-def _mode(value: object, default: MigrationMode) -> MigrationMode:
-    try:
-        return MigrationMode(str(value))
-    except ValueError:
-        return default  # the API validates the profile; an odd value keeps the default
+        if binding is not None and key in binding.profile:
+            return str(binding.profile[key])
+    return str(port.binding_profile.get(key, default))

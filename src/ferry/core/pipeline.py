@@ -37,9 +37,13 @@ class Table:
 
 
 TABLES: tuple[Table, ...] = (
-    Table("classify", 0, "classifier", ("ext_ingress", "port_security", "tunnel_ingress"),
+    Table("classify", 0, "classifier",
+          ("activation", "ext_ingress", "port_security", "tunnel_ingress"),
           "in_port → logical port and network; tunnel → network; patch port → the flat "
           "network of its physical network"),
+    Table("activation", 2, "classifier", (),
+          "live migration, destination: the VM's first frame tells this chassis' controller "
+          "(one packet-in: the first frame learns an override that stops the next)"),
     Table("ext_ingress", 5, "fip", ("sg_ingress",),
           "frames from a physical network: ARP for a floating IP answered where its port is, "
           "ARP senders learned into mac_binding, IP to a floating IP DNATed to its port"),

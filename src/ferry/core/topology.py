@@ -13,6 +13,7 @@ from typing import TypeVar
 from ferry.model.objects import (
     Chassis,
     FloatingIP,
+    LiveFallback,
     LogicalPort,
     LogicalRouter,
     LogicalSwitch,
@@ -91,6 +92,8 @@ class Topology:
     vifs: dict[str, Vif] = field(default_factory=dict)
     migration_mode: MigrationMode = MigrationMode.LIVE
     """The deployment's migration mode for claims this chassis makes."""
+    live_fallback: LiveFallback = LiveFallback.SOURCE_UNPLUG
+    """The deployment's live-mode fallback for claims this chassis makes."""
     home_vifs: set[str] = field(default_factory=set)
     """VIFs that were plugged here while their port was bound here: a migration's source
     side. Such a VIF never claims its port back once the binding has moved away."""
@@ -143,10 +146,11 @@ class Topology:
         return Remote(ch.id, str(ch.tunnel_ip)) if ch is not None else None
 
     def live_migration(self, port: LogicalPort) -> Migration | None:
-        """The port's valid migration in live mode that has not reached step 2 yet."""
+        """The port's valid live-mode migration while it is bound to both chassis: not yet
+        activated, and before step 2 (or, with the ``binding`` fallback, before step 3)."""
         m = self.active_migration(port)
-        if m is None or m.mode is not MigrationMode.LIVE or m.status is not (
-            MigrationStatus.PLUGGED
+        if m is None or m.mode is not MigrationMode.LIVE or m.activated or (
+            m.status is MigrationStatus.SOURCE_UNPLUGGED and not _waits_for_binding(m)
         ):
             return None
         return m
@@ -179,9 +183,11 @@ class Topology:
 
     def effective_host(self, port: LogicalPort) -> str | None:
         """Where the port's traffic goes: its binding host, or the migration's destination
-        once the source reported the VIF gone (the spec's step 2)."""
+        once the source reported the VIF gone (the spec's step 2; in live mode unless its
+        fallback waits for the binding) or the destination reported the port activated."""
         m = self.active_migration(port)
-        if m is not None and m.status is MigrationStatus.SOURCE_UNPLUGGED:
+        if m is not None and (m.activated or (m.status is MigrationStatus.SOURCE_UNPLUGGED
+                                              and not _waits_for_binding(m))):
             return m.dest_chassis
         return port.host
 
@@ -254,6 +260,10 @@ class Topology:
 
     def _routers(self) -> list[LogicalRouter]:
         return sorted(self.table(LogicalRouter).values(), key=lambda r: r.id)
+
+
+def _waits_for_binding(m: Migration) -> bool:
+    return m.mode is MigrationMode.LIVE and m.fallback is LiveFallback.BINDING
 
 
 def authorized(port: LogicalPort, chassis: str) -> bool:

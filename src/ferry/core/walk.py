@@ -48,11 +48,22 @@ class Delivery:
     packet: Packet
 
 
+@dataclass(frozen=True)
+class PacketIn:
+    """What a controller action sends: the action, the packet then, and the flow's table and
+    cookie (which the switch puts in the packet-in)."""
+
+    action: Controller
+    packet: Packet
+    table: int
+    cookie: int
+
+
 @dataclass
 class Walk:
     outputs: list[Delivery] = field(default_factory=list)
     trace: list[Flow] = field(default_factory=list)
-    to_controller: list[tuple[Controller, Packet]] = field(default_factory=list)
+    to_controller: list[PacketIn] = field(default_factory=list)
 
     @property
     def ports(self) -> list[int]:
@@ -260,7 +271,7 @@ def _run(st: _State, pkt: Packet, table: int, depth: int) -> None:
         elif isinstance(action, Ct):
             _ct(st, action, pkt, depth)
         elif isinstance(action, Controller):
-            result.to_controller.append((action, dict(pkt)))
+            result.to_controller.append(PacketIn(action, dict(pkt), flow.table, flow.cookie))
         elif isinstance(action, Learn):
             new = learn(action, pkt)
             learned[new.key] = new

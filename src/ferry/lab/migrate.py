@@ -24,7 +24,7 @@ from typing import Any
 
 from ferry.lab.lab import Lab, LabError
 from ferry.lab.neutron import Neutron, NeutronError
-from ferry.model.objects import MIGRATION_MODE_KEY
+from ferry.model.objects import LIVE_FALLBACK_KEY, MIGRATION_MODE_KEY
 
 LINKS = ("steady", "flap")
 """How the lab's hypervisor pauses and resumes a VM. ``steady``, as QEMU with taps: the
@@ -75,13 +75,14 @@ async def migrate(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float
 
 async def pre_migration(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float = 50.0,
                         plug_timeout: float | None = 10.0,
-                        mode: str | None = None, links: str = "steady") -> MigrationRun:
+                        mode: str | None = None, links: str = "steady",
+                        fallback: str | None = None) -> MigrationRun:
     """Nova's pre-live-migration: an inactive binding for ``dest``, ``migrating_to``, and the
     destination VIF plugged with the VM not running there yet. Waits for the destination's
     claim unless ``plug_timeout`` is None; in live mode also until every chassis with a VM
     has acknowledged its flows for the port (the destination ready before the VM resumes).
-    ``mode`` (spec or live) overrides the deployment's, through the binding's profile.
-    ``links``: one of :data:`LINKS`."""
+    ``mode`` (spec or live) and ``fallback`` (live mode: source-unplug or binding) override
+    the deployment's, through the binding's profile. ``links``: one of :data:`LINKS`."""
     if links not in LINKS:
         raise LabError(f"links {links!r}: want one of {', '.join(LINKS)}")
     v = lab.vm(vm)
@@ -95,9 +96,11 @@ async def pre_migration(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms:
     port = await api.get("port", v.port_id)
     run = MigrationRun(vm, v.port_id, source, dest, pause_ms, links=links,
                        profile=dict(port.get("binding:profile") or {}))
+    profile = {k: v for k, v in ((MIGRATION_MODE_KEY, mode), (LIVE_FALLBACK_KEY, fallback))
+               if v is not None}
     await api.create_binding(v.port_id, dest,
                              vnic_type=port.get("binding:vnic_type", "normal"),
-                             **({"profile": {MIGRATION_MODE_KEY: mode}} if mode else {}))
+                             **({"profile": profile} if profile else {}))
     await api.update("port", v.port_id, **{"binding:profile": {**run.profile,
                                                                 "migrating_to": dest}})
     run.mark("binding_created")
@@ -114,11 +117,12 @@ async def pre_migration(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms:
     return run
 
 
-async def stop_and_resume(lab: Lab, run: MigrationRun) -> None:
-    """libvirt's part: the stop-and-copy pause, then the resume with QEMU's RARP, done inside
-    the VM's namespace by one process so that the times are exact to the microsecond."""
+async def stop_and_resume(lab: Lab, run: MigrationRun, rarps: int = 1) -> None:
+    """libvirt's part: the stop-and-copy pause, then the resume with QEMU's RARP (``rarps``
+    of them; 0 for a VM that says nothing on resume, as with vhost-user), done inside the
+    VM's namespace by one process so that the times are exact to the microsecond."""
     times = await asyncio.to_thread(hypervisor_move, lab, run.vm, run.source, run.dest,
-                                    run.pause_ms, freeze=run.links == "steady")
+                                    run.pause_ms, rarps, freeze=run.links == "steady")
     for name, key in (("paused", "down_ns"), ("resumed", "up_ns"), ("announced", "rarp_ns")):
         run.events[name] = times[key]
         run.wall[name] = time.time() - (time.monotonic_ns() - times[key]) / 1e9

@@ -256,6 +256,11 @@ class PortBinding(BaseModel):
     vif_type: str = "ovs"
     status: BindingStatus = BindingStatus.ACTIVE
 
+    @model_validator(mode="after")
+    def _profile(self) -> Self:
+        check_profile(self.profile, "profile")
+        return self
+
 
 class LogicalPort(NbObject):
     """A port of a network: a VM's NIC, a router interface, a floating IP's port..."""
@@ -292,6 +297,7 @@ class LogicalPort(NbObject):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        check_profile(self.binding_profile, "binding_profile")
         hosts = [b.host for b in self.bindings]
         if len(hosts) != len(set(hosts)):
             raise FieldError("bindings", "one binding per host")
@@ -460,6 +466,30 @@ MIGRATION_MODE_KEY = "ferry_migration_mode"
 """binding:profile key that overrides the deployment's migration mode for one port."""
 
 
+class LiveFallback(StrEnum):
+    """Live mode: what switches the port to its destination when the VM sends nothing there
+    on resume (no RARP, as with vhost-user), so the datapath never activates it."""
+
+    SOURCE_UNPLUG = "source-unplug"  # the source VIF going away (the spec's step 2)
+    BINDING = "binding"  # only the destination binding becoming active (step 3)
+
+
+LIVE_FALLBACK_KEY = "ferry_live_fallback"
+"""binding:profile key that overrides the deployment's live-mode fallback for one port."""
+
+PROFILE_CHOICES: dict[str, type[StrEnum]] = {MIGRATION_MODE_KEY: MigrationMode,
+                                             LIVE_FALLBACK_KEY: LiveFallback}
+"""Ferry's own binding:profile keys and the values each may take."""
+
+
+def check_profile(profile: dict[str, Any], field: str) -> None:
+    """Ferry's keys in a binding:profile must hold one of their values."""
+    for key, choices in PROFILE_CHOICES.items():
+        if key in profile and profile[key] not in {c.value for c in choices}:
+            raise FieldError(field, f"{key} must be one of "
+                             f"{', '.join(c.value for c in choices)}, not {profile[key]!r}")
+
+
 class Migration(NbObject):
     """A port moving between chassis; its id is the port id (one migration per port)."""
 
@@ -471,6 +501,13 @@ class Migration(NbObject):
     mode: MigrationMode = Field(
         default=MigrationMode.SPEC,
         description="How every chassis forwards during the migration (decided at the claim).")
+    fallback: LiveFallback = Field(
+        default=LiveFallback.SOURCE_UNPLUG,
+        description="Live mode: what switches the port if the datapath never activates it.")
+    activated: bool = Field(
+        default=False,
+        description="Live mode: the VM's first frame on the destination activated the port "
+        "there (reported by the destination after its datapath did it).")
     timestamps: dict[str, float] = Field(
         default_factory=dict, description="Event name → wall-clock time it was seen."
     )

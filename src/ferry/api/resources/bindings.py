@@ -14,7 +14,7 @@ from pydantic import Field
 
 from ferry.api import query
 from ferry.api.errors import ApiError, bad_request, conflict
-from ferry.api.resources.common import NB, Body, Ctx, load, rebuild
+from ferry.api.resources.common import NB, Body, Ctx, check_binding_profile, load, rebuild
 from ferry.api.resources.portdata import VnicName, render_binding
 from ferry.model.objects import BindingStatus, LogicalPort, PortBinding, VnicType
 
@@ -57,6 +57,7 @@ async def create_binding(port_id: str, body: BindingCreateBody, nb: NB,
                          ctx: Ctx) -> dict[str, Any]:
     req = body.binding
     port = await _port(nb, port_id, ctx, "create_port_binding")
+    check_binding_profile(req.profile)
     if not port.device_owner.startswith("compute:"):
         raise bad_request(f"Port {port_id} is not a compute port (device_owner "
                           f"{port.device_owner!r}); port bindings are for compute ports")

@@ -8,9 +8,9 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ferry.api.auth import Context
-from ferry.api.errors import forbidden, not_found
+from ferry.api.errors import forbidden, invalid_input, not_found
 from ferry.model.northbound import Northbound, parse
-from ferry.model.objects import LogicalSwitch, NbObject
+from ferry.model.objects import FieldError, LogicalSwitch, NbObject, check_profile
 
 T = TypeVar("T", bound=NbObject)
 
@@ -88,3 +88,11 @@ async def load_own_network(nb: Northbound, id: str, ctx: Context, action: str) -
     if not ctx.owns(net.topic):
         raise forbidden(action)
     return net
+
+
+def check_binding_profile(profile: dict[str, Any] | None) -> None:
+    """A requested binding:profile: Ferry's own keys must hold one of their values."""
+    try:
+        check_profile(profile or {}, "binding:profile")
+    except FieldError as e:
+        raise invalid_input(f"Invalid input for binding:profile: {e}") from None

@@ -23,6 +23,7 @@ from ferry.api.resources.common import (
     Body,
     Ctx,
     Owned,
+    check_binding_profile,
     load,
     load_network,
     rebuild,
@@ -234,6 +235,7 @@ async def create_port(body: PortCreateBody, nb: NB, ctx: Ctx) -> dict[str, Any]:
     pairs = portdata.pairs_doc(req.allowed_address_pairs)
     vnic = VnicType(req.binding_vnic_type or "normal")
     profile = req.binding_profile or {}
+    check_binding_profile(profile)
     bindings = [PortBinding(host=req.binding_host_id, vnic_type=vnic, profile=profile)
                 ] if req.binding_host_id else []
 
@@ -304,6 +306,7 @@ async def update_port(port_id: str, body: PortUpdateBody, nb: NB, ctx: Ctx) -> d
         profile = req.binding_profile if "binding_profile" in sent else None
         if "binding_profile" in sent and profile is None:
             profile = {}
+        check_binding_profile(profile)
         portdata.set_binding_attrs(p, changes, vnic, profile)
         return rebuild(p, **changes) if changes else p
 

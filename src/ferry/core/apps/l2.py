@@ -67,8 +67,13 @@ class Classifier(App):
                               cookie=ctx.port_cookie(L2_APP, port),
                               specs=(LearnMatchValue(REG_DST_PORT, port.tunnel_key),
                                      LearnOutput("in_port_nxm"))),)
-        classify = (SetField(REG_SRC_PORT, port.tunnel_key),
-                    SetField(REG_NETWORK, net.tunnel_key), GotoTable(table("port_security")))
+        tell: tuple[Resubmit, ...] = ()
+        if isinstance(loc, Incoming):
+            tell = (Resubmit(table("activation")),)
+            yield from self._tell_controller(ctx, port)
+        classify: tuple[SetField | Resubmit | GotoTable, ...] = (
+            SetField(REG_SRC_PORT, port.tunnel_key), SetField(REG_NETWORK, net.tunnel_key),
+            *tell, GotoTable(table("port_security")))
         yield Flow(table("classify"), 100, Match(in_port=loc.ofport), (*activate, *classify))
         if isinstance(loc, Incoming):
             # The VM's RARP on resume also goes out to the external networks where the port
@@ -80,6 +85,15 @@ class Classifier(App):
             if patches:
                 yield Flow(table("classify"), 110, Match(in_port=loc.ofport, eth_type=ETH_RARP),
                            (*activate, *(Output(p) for p in patches), *classify))
+
+    def _tell_controller(self, ctx: Context, port: LogicalPort) -> Iterable[Flow]:
+        """The activation, once done in the datapath, is reported to this chassis' controller
+        (a packet-in with this flow's cookie), once: the same frame learns a higher-priority
+        entry that does nothing, so the frames after it are not sent up."""
+        key, t = port.tunnel_key, table("activation")
+        once = Learn(t, priority=110, cookie=ctx.port_cookie(self, port),
+                     specs=(LearnMatchValue(REG_SRC_PORT, key),))
+        yield Flow(t, 100, Match(reg6=key), (once, ACTIVATION_NOTICE))
 
     def network_flows(self, ctx: Context, net: LogicalSwitch) -> Iterable[Flow]:
         from ferry.core.apps.fip import external_networks
@@ -280,6 +294,10 @@ NO_CONTROLLER = 0xFFFF
 SLOW_PATH = Controller(max_len=0, controller_id=NO_CONTROLLER)
 """An action with no effect but one: OVS never caches a flow that has it in the datapath, so
 every packet is decided by the current OpenFlow tables. Its packet-in reaches nobody."""
+
+
+ACTIVATION_NOTICE = Controller(max_len=0)
+"""The destination's report of an activation: the flow's cookie names the port; no data."""
 
 
 def tunnel_to(net: LogicalSwitch, to: Remote, tunnel_ofport: int) -> tuple[SetField | Output,
