@@ -116,6 +116,17 @@ def test_downtime_looks_only_around_the_pause() -> None:
     assert build_report(data_of(cd)).clients[0].downtime_ms == pytest.approx(201.0)
 
 
+def test_until_leaves_out_a_later_disturbance() -> None:
+    """A 12 ms stall 150 ms after a pause of 0: the downtime unless the window ends first."""
+    cd = synthetic(3000, drop=set(range(2150, 2162)))
+    pause = (t_of(2000), t_of(2000))
+    assert build_report(data_of(cd), pause=pause, around_ms=500).clients[0].downtime_ms == (
+        pytest.approx(13.0))
+    cut = build_report(data_of(cd), pause=pause, around_ms=500, until_ns=t_of(2100))
+    assert cut.clients[0].downtime_ms == pytest.approx(1.0)
+    assert cut.clients[0].lost == 12  # loss still counts over the whole run
+
+
 def test_no_recovery() -> None:
     cd = synthetic(1000, drop=range(900, 1000))
     c = build_report(data_of(cd), pause=(t_of(900), t_of(950))).clients[0]

@@ -133,6 +133,7 @@ async def stop_and_resume(lab: Lab, run: MigrationRun, rarps: int = 1) -> None:
 
 async def unplug_source(lab: Lab, run: MigrationRun) -> None:
     """Nova's post-live-migration, on the source host: the VIF goes away (spec step 2)."""
+    run.mark("unplugging")
     await asyncio.to_thread(lab.unplug_vif, run.vm, run.source)
     run.mark("source_unplugged")
 

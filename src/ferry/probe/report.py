@@ -12,8 +12,9 @@ Definitions (per client; the target VM is what moves, so delivery *to the target
   (a duplicate is never also counted as reordered);
 - ``downtime``: the longest gap between consecutive first deliveries (in target receive time)
   that overlaps ``[pause start - around, pause end + around]`` (the whole run without a
-  pause). It runs from the last delivery before to the first delivery after; when nothing was
-  delivered after it, the gap ends at the client's last send and ``recovered`` is false.
+  pause), cut at ``until`` when given (to leave out a later event reported on its own). It
+  runs from the last delivery before to the first delivery after; when nothing was delivered
+  after it, the gap ends at the client's last send and ``recovered`` is false.
   At rate R the gap is at least 1/R even without loss.
 - ``downtime_beyond_pause_ms`` = downtime - pause duration.
 
@@ -196,7 +197,7 @@ def find_downtime(cd: ClientData, firsts: Sequence[tuple[int, int, int]],
 
 
 def client_report(cd: ClientData, pause: tuple[int, int] | None,
-                  around_ns: int) -> ClientReport:
+                  around_ns: int, until_ns: int | None = None) -> ClientReport:
     r = ClientReport(cd.name, cd.probe_id)
     firsts, r.duplicated, r.reordered = first_deliveries(cd)
     sent_seqs = {seq for seq, _, _ in cd.sent}
@@ -221,6 +222,8 @@ def client_report(cd: ClientData, pause: tuple[int, int] | None,
     rtt = [(t_back - t_send) / 1e3 for _, t_send, t_back in cd.echoed]
     r.rtt_p50_us = statistics.median(rtt) if rtt else 0.0
     window = None if pause is None else (pause[0] - around_ns, pause[1] + around_ns)
+    if window is not None and until_ns is not None:
+        window = (window[0], max(pause[1], min(window[1], until_ns)))  # type: ignore[index]
     r.downtime = find_downtime(cd, firsts, window)
     if r.downtime is not None:
         r.downtime_ms = r.downtime.ms
@@ -253,14 +256,14 @@ def _total(clients: Sequence[ClientReport]) -> ClientReport:
 
 
 def build_report(data: ProbeData, pause: tuple[int, int] | None = None,
-                 around_ms: float = 1000.0) -> ProbeReport:
+                 around_ms: float = 1000.0, until_ns: int | None = None) -> ProbeReport:
     """The report of a run; ``pause`` = (start, end) in CLOCK_MONOTONIC ns, as the caller
     measured them (``time.monotonic_ns()``); ``around_ms`` widens the window searched for
-    the downtime on both sides of the pause."""
+    the downtime on both sides of the pause; ``until_ns`` (same clock) ends it earlier."""
     if pause is not None and pause[1] < pause[0]:
         raise ValueError(f"pause ends before it starts: {pause}")
     around = int(around_ms * NS_PER_MS)
-    clients = [client_report(cd, pause, around) for cd in data.clients]
+    clients = [client_report(cd, pause, around, until_ns) for cd in data.clients]
     pause_ms = None if pause is None else (pause[1] - pause[0]) / NS_PER_MS
     return ProbeReport(target=data.target, rate_hz=data.rate_hz,
                        pause_start_ns=None if pause is None else pause[0],

@@ -252,9 +252,9 @@ class Probe:
         return rc.load(self.out_dir)
 
     def report(self, pause: tuple[int, int] | None = None,
-               around_ms: float = 1000.0) -> ProbeReport:
+               around_ms: float = 1000.0, until_ns: int | None = None) -> ProbeReport:
         """See :func:`ferry.probe.report.build_report` (call after :meth:`stop`)."""
-        return build_report(self.data(), pause, around_ms)
+        return build_report(self.data(), pause, around_ms, until_ns)
 
     def plot(self, path: Path | str | None = None, pause: tuple[int, int] | None = None,
              **kwargs: Any) -> Path:
