@@ -41,6 +41,13 @@ from ferry.switch.ovsdb import ChassisOvsdb, VifOffline, VifOnline
 
 log = logging.getLogger(__name__)
 
+ACTIVATION_REPORT_HOLD_S = 0.03
+"""How long an activation report waits before it is published. Measured in the lab (2 cores,
+one process for all controllers; runs of 40 live migrations, 50 ms pause; mean downtime beyond
+the pause up to the source unplug, L2/L3/FIP, averaged over the runs): no report at all
+2.17/2.19/2.19 ms (3 runs); published at once 2.60/2.53/2.38 (2 runs); held 30 ms
+2.38/2.35/2.33 (3 runs). The run-to-run spread was about 0.2 ms."""
+
 
 @dataclass
 class AgentConfig:
@@ -201,10 +208,14 @@ class ChassisAgent:
         self._announce_fips()
 
     def _on_packet_in(self, event: PacketIn) -> None:
+        """The datapath reports a live migration's activation. It already forwards right, so
+        the report waits ``ACTIVATION_REPORT_HOLD_S``: publishing it makes every controller
+        recompute and send flows, which at once would compete for CPU with the datapath
+        during the very milliseconds the VM's first packets flow."""
         events = self.core.packet_in(event.table_id, event.cookie)
         if events:
-            self.flows.mark_dirty()
-            self._derived(events)
+            asyncio.get_running_loop().call_later(ACTIVATION_REPORT_HOLD_S, self._derived,
+                                                  events)
 
     async def _vif_loop(self) -> None:
         async for event in self.ovsdb.events():
