@@ -27,7 +27,7 @@ from ferry.lab.nova import boot
 from ferry.lab.services import start_control_plane
 from ferry.probe.runner import OUTSIDE, Probe
 
-console = Console()
+console = Console(width=120)  # the summary table is wider than a pipe's default 80
 
 
 @dataclass
