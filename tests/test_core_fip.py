@@ -17,6 +17,7 @@ from ferry.model.objects import (
     ExternalGateway,
     FloatingIP,
     LogicalSwitch,
+    MigrationStatus,
     NetworkType,
     Subnet,
 )
@@ -154,6 +155,22 @@ def test_the_fip_follows_a_live_migration() -> None:
     assert [(c, p, s["ipv4_src"]) for c, p, s in out] == [("ch3", PATCH, FIP)]
     for core in f.cores.values():
         assert core.desired() == fresh(core).desired(), core.chassis
+
+
+def test_only_the_chassis_where_the_vm_runs_announces_the_fip() -> None:
+    """A gratuitous ARP from a live migration's destination before the VM runs there would
+    teach the source's br-ex that the VM's MAC is on its uplink (a black hole for the
+    outside's frames that reach the source): the destination announces once activated."""
+    f = with_fip()
+    m = Migrating(f)
+    announcing = {ch: set(core.hosted_fips()) for ch, core in f.cores.items()}
+    assert announcing == {"ch1": set(), "ch2": {("fip1", "Local")}, "ch3": set()}
+    m.step1()
+    assert [ch for ch, core in f.cores.items() if core.hosted_fips()] == []
+    m.rarp()
+    m.record(MigrationStatus.PLUGGED, activated=True)  # the destination's report
+    assert {ch: set(core.hosted_fips()) for ch, core in f.cores.items()} == {
+        "ch1": set(), "ch2": set(), "ch3": {("fip1", "Local")}}
 
 
 def test_incremental_equals_full_recompute_and_disassociation_removes_everything() -> None:

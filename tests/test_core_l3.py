@@ -318,11 +318,11 @@ class Migrating:
         self.pv += 1
         self.f.publish(vm_port("b1", self.pv, bindings))
 
-    def record(self, status: MigrationStatus) -> None:
+    def record(self, status: MigrationStatus, activated: bool = False) -> None:
         self.mv += 1
         self.f.publish(Migration(id="b1", topic=P, port_id="b1", source_chassis="ch2",
                                  dest_chassis="ch3", status=status, mode=MigrationMode.LIVE,
-                                 version=self.mv))
+                                 activated=activated, version=self.mv))
 
     def step1(self) -> None:
         self.port([PortBinding(host="ch2", profile={"migrating_to": "ch3"}),
