@@ -8,11 +8,9 @@ from typing import Any
 
 import pytest
 
-from ferry.core.apps.l2 import SLOW_PATH
 from ferry.core.chassis import ChassisCore
 from ferry.core.migration import Activated, Claim
 from ferry.core.topology import Vif
-from ferry.core.walk import walk
 from ferry.model.objects import (
     BindingStatus,
     LiveFallback,
@@ -174,26 +172,6 @@ def test_spec_mode_per_port_waits_for_step_two() -> None:
 def test_live_is_the_default_claim() -> None:
     core = ChassisCore("x")
     assert core.topology.migration_mode is MigrationMode.LIVE
-
-
-def test_the_destination_never_lets_the_datapath_cache_its_pre_activation_decision() -> None:
-    """Before the VM runs there, the destination's decisions for packets to it (a3's, sent to
-    the source; a tunnelled copy, dropped) carry SLOW_PATH, so OVS re-decides every packet and
-    the first one after the activation meets the learned flow; afterwards nothing does."""
-    r = Live()
-    r.step1()
-    ch3 = r.fab.cores["ch3"]
-    _, ofport, mac, ip = CLIENTS["a3"]
-    pkt = {"in_port": ofport, "eth_src": mac, "eth_dst": VM_MAC, "eth_type": 0x0800,
-           "ipv4_src": ip, "ipv4_dst": VM_IP, "ip_proto": 17}
-
-    def slow_path_here() -> bool:
-        w = walk(list(ch3.desired().values()), dict(pkt), learned=r.fab.learned["ch3"])
-        return any(p.action == SLOW_PATH for p in w.to_controller)
-
-    assert slow_path_here() and r.to_vm("a3") == [SRC]
-    r.resume_with_rarp()
-    assert not slow_path_here() and r.to_vm("a3") == [DST]
 
 
 def test_the_destination_reports_the_activation_once() -> None:

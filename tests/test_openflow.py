@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from ferry.core.apps.l2 import SLOW_PATH
 from ferry.lab.ovs_instance import OvsInstance
 from ferry.switch.flow import (
     OFPP_IN_PORT,
@@ -404,12 +403,12 @@ async def test_packet_in_delivered(ovs: OvsInstance, switch: Switch, events: Eve
 
 
 @pytest.mark.ovs
-async def test_slow_path_action_reaches_no_controller(ovs: OvsInstance, switch: Switch,
-                                                      events: Events) -> None:
-    """SLOW_PATH (a controller action for a connection id nobody has) keeps a flow out of
-    the datapath cache and sends nothing to us: of the two controller actions here, only
-    the ordinary one arrives."""
-    flow = Flow(0, 10, Match(eth_type=0x88B6), (SLOW_PATH, Controller()), cookie=0x43)
+async def test_a_controller_action_for_another_connection_id_reaches_no_one(
+        ovs: OvsInstance, switch: Switch, events: Events) -> None:
+    """A controller action names the connection id it is for: of the two here (one for an id
+    nobody has, one for ours, 0), only ours arrives."""
+    nobody = Controller(max_len=0, controller_id=0xFFFF)
+    flow = Flow(0, 10, Match(eth_type=0x88B6), (nobody, Controller()), cookie=0x43)
     await switch.apply([flow])
     frame = bytes.fromhex("ffffffffffff" "020000000001" "88b6") + b"ferry-slow".ljust(46, b"\0")
     await switch.packet_out(frame, [Output(OFPP_TABLE)])

@@ -214,13 +214,9 @@ class L2(App):
             yield Flow(egress, 100, Match(reg7=key, reg5=0), tunnel_to(net, loc, tun))
         elif isinstance(loc, Incoming):
             # Until the VM runs here, local senders still reach it on the source; traffic
-            # from tunnels is not delivered (the activation learns the delivery flow). Both
-            # decisions are kept out of the datapath's cache (SLOW_PATH): the first packet
-            # after the activation then meets the learned flow at once, instead of a cached
-            # decision that OVS's revalidators replace only a millisecond or two later.
-            yield Flow(egress, 90, Match(reg7=key, reg5=0),
-                       (*tunnel_to(net, loc.source, tun), SLOW_PATH))
-            yield Flow(egress, 90, Match(reg7=key, reg5=FLAG_FROM_TUNNEL), (SLOW_PATH,))
+            # from tunnels is not delivered (the activation learns the delivery flow).
+            yield Flow(egress, 90, Match(reg7=key, reg5=0), tunnel_to(net, loc.source, tun))
+            yield Flow(egress, 90, Match(reg7=key, reg5=FLAG_FROM_TUNNEL), ())
         elif isinstance(loc, Outgoing):
             yield Flow(egress, 100, Match(reg7=key, reg5=0),
                        (Output(loc.ofport), *tunnel_to(net, loc.dest, tun)))
@@ -287,13 +283,6 @@ class L2(App):
             for name, ip in topo.remote_chassis_of(net.id).items():
                 to_remote += tunnel_to(net, Remote(name, ip), ctx.tunnel_ofport)
         yield Flow(flood, 50, Match(metadata=net.tunnel_key), (*to_local(0), *to_remote))
-
-
-NO_CONTROLLER = 0xFFFF
-"""A controller connection id that no connection uses (every connection has id 0)."""
-SLOW_PATH = Controller(max_len=0, controller_id=NO_CONTROLLER)
-"""An action with no effect but one: OVS never caches a flow that has it in the datapath, so
-every packet is decided by the current OpenFlow tables. Its packet-in reaches nobody."""
 
 
 ACTIVATION_NOTICE = Controller(max_len=0)

@@ -1,19 +1,14 @@
-"""What the destination's SLOW_PATH costs while a live migration holds the port on two chassis.
+"""What holding a port on two chassis costs while a live migration runs (live mode).
 
 From the claim until the VM runs there, the destination gets a copy of every packet sent to the
-VM and drops it with a flow that carries SLOW_PATH (so that the first packet after the
-activation meets the learned flow): OVS decides each of those packets in its slow path. This
-bench floods the VM with UDP from a client on another chassis at several rates and prints,
-per rate: the packets sent and received by the VM per second, and the CPU (percent of one
-core) of the ovs-vswitchd of the source and of the destination, in three phases:
+VM from other chassis and drops it. This bench floods the VM with UDP from a client on another
+chassis at several rates and prints, per rate: packets sent and received by the VM per second,
+the CPU (percent of one core) of the source's and the destination's ovs-vswitchd, and the
+destination's OpenFlow translations per second (0: its datapath caches the drop), in two
+phases: ``before`` (no migration: the destination sees none of the flood) and ``dual`` (the
+destination plugged and claimed, its flows as Ferry installs them).
 
-- ``before``: no migration (the destination chassis sees none of the flood);
-- ``dual``: the destination plugged and claimed (live mode), its flows as Ferry installs them;
-- ``cached``: the same, with SLOW_PATH taken out of the destination's two flows by hand
-  (``ovs-ofctl mod-flows``), so that OVS caches the drop: what SLOW_PATH adds is the
-  difference between ``dual`` and ``cached``.
-
-    .venv/bin/python bench/slowpath.py [--rates 2000,10000,30000] [--seconds 3]
+    .venv/bin/python bench/dual_binding.py [--rates 2000,10000,30000] [--seconds 3]
 """
 
 from __future__ import annotations
@@ -87,26 +82,6 @@ def flood(lab: Lab, client: str, ip: str, rate: int, seconds: float,
     return out
 
 
-def strip_slow_path(lab: Lab, chassis: str) -> int:
-    """Take the controller action with id 0xffff out of the destination's flows by hand."""
-    ovs = lab.ovs(chassis)
-    changed = 0
-    for line in ovs.ofctl("dump-flows", "br-int", "table=50").splitlines():
-        if "controller(" not in line or "id=65535" not in line:
-            continue
-        m = re.search(r"table=50, .*?(priority=\S+) actions=(\S+)", line)
-        assert m is not None, line
-        match = re.sub(r"n_packets=\S+ |n_bytes=\S+ |duration=\S+ |idle_age=\S+ |cookie=\S+ ",
-                       "", m.group(1))
-        actions = ",".join(a for a in re.split(r",(?![^(]*\))", m.group(2))
-                           if not a.startswith("controller(")) or "drop"
-        ovs.run("ovs-ofctl", "-O", "OpenFlow13", "--strict", "mod-flows", "br-int",
-                f"table=50,{match} actions={actions}")
-        changed += 1
-    assert "id=65535" not in ovs.ofctl("dump-flows", "br-int", "table=50")
-    return changed
-
-
 async def run(rates: list[int], seconds: float) -> list[tuple[int, str, dict[str, float]]]:
     lab = await asyncio.to_thread(Lab.create, 3)
     rows = []
@@ -131,10 +106,6 @@ async def run(rates: list[int], seconds: float) -> list[tuple[int, str, dict[str
             for rate in rates:
                 rows.append((rate, "dual", await asyncio.to_thread(
                     flood, lab, "client", ip, rate, seconds, pids)))
-            assert await asyncio.to_thread(strip_slow_path, lab, "chassis-3") == 2
-            for rate in rates:
-                rows.append((rate, "cached", await asyncio.to_thread(
-                    flood, lab, "client", ip, rate, seconds, pids)))
     finally:
         await asyncio.to_thread(lab.destroy)
         await asyncio.to_thread(destroy_leftovers, lab.prefix)
@@ -151,7 +122,7 @@ def main() -> None:
     rates = [int(r) for r in a.rates.split(",")]
     rows = asyncio.run(run(rates, a.seconds))
     table = Table(title=f"UDP flood to a VM, {a.seconds:g} s per row: vswitchd CPU (% of one "
-                        "core) on the source and on the live migration's destination")
+                        "core) on the source and on a live migration's destination")
     for col in ("rate pps", "phase", "sent pps", "VM received pps", "source CPU %",
                 "dest CPU %", "dest xlates/s"):
         table.add_column(col, justify="right")
