@@ -41,7 +41,7 @@ class MigrationResult:
     lost: int
     duplicated: int
     reordered: int
-    converged_ms: float | None  # activation reported (live) or step 2 → last chassis acked
+    converged_ms: float | None  # activation report (live) or step 2 → last chassis acked
     plot: str
     mode: str = "?"
     by_class: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -103,8 +103,9 @@ async def build(lab: Lab, api: Neutron, n_clients: int
 
 
 def convergence_ms(run: MigrationRun) -> float | None:
-    """From the controllers' switch (the destination's report of the activation in live
-    mode, else step 2) to the last chassis' flows acked for it."""
+    """From the switch the controllers follow (live mode: the destination datapath's report
+    of the activation, which the agent holds 30 ms before publishing; else step 2) to the last
+    chassis' flows acked for it."""
     stamps: dict[str, float] = (run.record or {}).get("timestamps", {})
     phase = "activated" if "activated" in stamps else "source_unplugged"
     start = stamps.get(phase)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from ferry.agent.migrations import MigrationPublisher
 from ferry.agent.subscriptions import Change, Deleted, Resynced, Subscriptions, Updated
 from ferry.core.apps import fip
 from ferry.core.chassis import ChassisCore, Output, PortBound, PortUnbound
+from ferry.core.migration import Activated
 from ferry.core.topology import Local, Vif
 from ferry.model.northbound import InvalidObject, Northbound
 from ferry.model.objects import (
@@ -212,7 +214,9 @@ class ChassisAgent:
         the report waits ``ACTIVATION_REPORT_HOLD_S``: publishing it makes every controller
         recompute and send flows, which at once would compete for CPU with the datapath
         during the very milliseconds the VM's first packets flow."""
-        events = self.core.packet_in(event.table_id, event.cookie)
+        now = self.wall()
+        events = [dataclasses.replace(e, at=now) if isinstance(e, Activated) else e
+                  for e in self.core.packet_in(event.table_id, event.cookie)]
         if events:
             asyncio.get_running_loop().call_later(ACTIVATION_REPORT_HOLD_S, self._derived,
                                                   events)

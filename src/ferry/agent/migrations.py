@@ -2,8 +2,9 @@
 
 Every write is a compare-and-swap (``Northbound.modify``) re-checked against the record as it
 is now, so repeated or late intents are harmless. Timestamps are wall-clock seconds
-(``time.time``, passed in) keyed by what happened: ``plugged``, ``activated`` (live mode: the
-destination's datapath reported the VM's first frame), ``source_unplugged``, ``bound``,
+(``time.time``, passed in) keyed by what happened: ``plugged``, ``activated`` (live mode: when
+the destination's datapath reported the VM's first frame; published a little later, see the
+agent), ``source_unplugged``, ``bound``,
 ``rolled_back``, and ``acked.<chassis>.<phase>`` once a chassis' flows for the port's new
 location were acknowledged by its switch (phase: the status, or ``activated``).
 """
@@ -54,7 +55,7 @@ class MigrationPublisher:
         elif isinstance(intent, Claim):
             await self._claim(intent, now)
         elif isinstance(intent, Activated):
-            await self._activated(intent.port_id, now)
+            await self._activated(intent.port_id, intent.at or now)
         elif isinstance(intent, SourceGone):
             await self._advance(intent.port_id, MigrationStatus.PLUGGED,
                                 MigrationStatus.SOURCE_UNPLUGGED, "source_unplugged", now)

@@ -52,6 +52,8 @@ class Activated:
 
     port_id: str
     dest: str
+    at: float = 0.0
+    """Wall-clock time the datapath's report arrived (the agent's clock; 0: unknown)."""
 
 
 @dataclass(frozen=True)
