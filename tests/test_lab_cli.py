@@ -68,8 +68,10 @@ def test_operator_session(lab: dict[str, Any]) -> None:
     listed = ferry("migration", "list", "--api", api).stdout
     assert "done" in listed and "chassis-1" in listed
     shown = ferry("migration", "show", ports[1]["id"], "--api", api).stdout
-    for step in ("plugged", "source_unplugged", "bound"):
+    for step in ("plugged", "activated", "source_unplugged", "bound"):
         assert step in shown, shown
+    words = " ".join(shown.split())  # the title wraps at the pipe's 80 columns
+    assert "live mode" in words and "activated by the VM's first frame" in words, shown
     status = json.loads(ferry("lab", "status", "--lab", prefix, "--json").stdout)
     assert {v["name"]: v["chassis"] for v in status["vms"]} == {"v1": "chassis-1",
                                                                 "v2": "chassis-1"}

@@ -43,8 +43,12 @@ def print_timeline(m: dict[str, Any], out: Console) -> None:
     """Each step and each chassis' flow ack, in ms from the destination's claim."""
     stamps: dict[str, float] = m["timestamps"]
     t0 = stamps.get("plugged", min(stamps.values(), default=0.0))
+    how = f"{m['status']}, {m.get('mode', '?')} mode"
+    if m.get("mode") == "live":
+        how += f", fallback {m.get('fallback', '?')}" + (
+            ", activated by the VM's first frame" if m.get("activated") else "")
     t = Table(title=f"migration of port {m['port_id']}: {m['source_chassis']} → "
-                    f"{m['dest_chassis']} ({m['status']})")
+                    f"{m['dest_chassis']} ({how})")
     t.add_column("event")
     t.add_column("ms", justify="right")
     for name, at in sorted(stamps.items(), key=lambda kv: kv[1]):
@@ -54,12 +58,13 @@ def print_timeline(m: dict[str, Any], out: Console) -> None:
 
 @app.command("list")
 def list_cmd(api: ApiOpt = None, token: TokenOpt = None) -> None:
-    """Every migration: port, source, destination, status."""
+    """Every migration: port, source, destination, status, mode, whether activated."""
     t = Table()
-    for col in ("port", "source", "destination", "status", "steps"):
+    for col in ("port", "source", "destination", "status", "mode", "activated", "steps"):
         t.add_column(col)
     for m in _get(api, token, "/ferry/migrations")["migrations"]:
         t.add_row(m["port_id"], m["source_chassis"], m["dest_chassis"], m["status"],
+                  m.get("mode", "?"), "yes" if m.get("activated") else "no",
                   str(len(m["timestamps"])))
     console.print(t)
 
