@@ -24,11 +24,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ferry.lab.lab import Lab, destroy_leftovers
+from ferry.lab.lab import Lab
 from ferry.lab.migrate import pre_migration
-from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
-from ferry.lab.services import start_control_plane
+from ferry.lab.session import lab_session
 
 FLOOD = """
 import socket, sys, time
@@ -83,32 +82,23 @@ def flood(lab: Lab, client: str, ip: str, rate: int, seconds: float,
 
 
 async def run(rates: list[int], seconds: float) -> list[tuple[int, str, dict[str, float]]]:
-    lab = await asyncio.to_thread(Lab.create, 3)
     rows = []
-    try:
-        await asyncio.to_thread(start_control_plane, lab, "memory")
-        url = lab.service("api").url  # type: ignore[union-attr]
-        assert url is not None
-        async with Neutron(url) as api:
-            net = await api.create("network", name="flood")
-            await api.create("subnet", network_id=net["id"], cidr="10.70.0.0/24",
-                             ip_version=4)
-            for name, ch in {"vm": "chassis-1", "client": "chassis-2"}.items():
-                port = await api.create("port", network_id=net["id"], name=name)
-                await boot(lab, api, name, port["id"], ch)
-            ip = lab.vm("vm").ip_cidr.split("/")[0]
-            pids = {"source": lab.chassis("chassis-1").ovs_pids["ovs-vswitchd"].pid,
-                    "dest": lab.chassis("chassis-3").ovs_pids["ovs-vswitchd"].pid}
-            for rate in rates:
-                rows.append((rate, "before", await asyncio.to_thread(
-                    flood, lab, "client", ip, rate, seconds, pids)))
-            await pre_migration(lab, api, "vm", "chassis-3", mode="live")
-            for rate in rates:
-                rows.append((rate, "dual", await asyncio.to_thread(
-                    flood, lab, "client", ip, rate, seconds, pids)))
-    finally:
-        await asyncio.to_thread(lab.destroy)
-        await asyncio.to_thread(destroy_leftovers, lab.prefix)
+    async with lab_session(3) as (lab, api):
+        net = await api.create("network", name="flood")
+        await api.create("subnet", network_id=net["id"], cidr="10.70.0.0/24", ip_version=4)
+        for name, ch in {"vm": "chassis-1", "client": "chassis-2"}.items():
+            port = await api.create("port", network_id=net["id"], name=name)
+            await boot(lab, api, name, port["id"], ch)
+        ip = lab.vm("vm").ip_cidr.split("/")[0]
+        pids = {"source": lab.chassis("chassis-1").ovs_pids["ovs-vswitchd"].pid,
+                "dest": lab.chassis("chassis-3").ovs_pids["ovs-vswitchd"].pid}
+        for rate in rates:
+            rows.append((rate, "before", await asyncio.to_thread(
+                flood, lab, "client", ip, rate, seconds, pids)))
+        await pre_migration(lab, api, "vm", "chassis-3", mode="live")
+        for rate in rates:
+            rows.append((rate, "dual", await asyncio.to_thread(
+                flood, lab, "client", ip, rate, seconds, pids)))
     return rows
 
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 
-from ferry.lab.lab import Lab, destroy_leftovers
+from ferry.lab.lab import Lab
 from ferry.lab.migrate import migrate
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
-from ferry.lab.services import start_control_plane
+from ferry.lab.session import lab_session
 from tests.labkit import eventually
 
 pytestmark = [pytest.mark.lab, pytest.mark.asyncio(loop_scope="module")]
@@ -66,31 +66,22 @@ def parse_ping(out: str) -> Ping:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def rig() -> AsyncIterator[Rig]:
-    lab = await asyncio.to_thread(Lab.create, 3)
-    try:
-        await asyncio.to_thread(start_control_plane, lab, "memory")
-        url = lab.service("api").url  # type: ignore[union-attr]
-        assert url is not None
-        async with Neutron(url) as api:
-            router = await api.create("router", name="r1")
-            subnets = {}
-            for name, cidr in SUBNETS.items():
-                net = await api.create("network", name=name)
-                subnets[name] = await api.create("subnet", network_id=net["id"], cidr=cidr,
-                                                 ip_version=4)
-                assert subnets[name]["gateway_ip"] == GATEWAYS[name]
-                await api.call("PUT", f"/routers/{router['id']}/add_router_interface",
-                               {"subnet_id": subnets[name]["id"]})
-            ips = {}
-            for vm, (side, chassis) in VMS.items():
-                port = await api.create("port", network_id=subnets[side]["network_id"],
-                                        name=vm)
-                ips[vm] = port["fixed_ips"][0]["ip_address"]
-                await boot(lab, api, vm, port["id"], chassis)
-            yield Rig(lab, api, ips)
-    finally:
-        await asyncio.to_thread(lab.destroy)
-        await asyncio.to_thread(destroy_leftovers, lab.prefix)
+    async with lab_session(3) as (lab, api):
+        router = await api.create("router", name="r1")
+        subnets = {}
+        for name, cidr in SUBNETS.items():
+            net = await api.create("network", name=name)
+            subnets[name] = await api.create("subnet", network_id=net["id"], cidr=cidr,
+                                             ip_version=4)
+            assert subnets[name]["gateway_ip"] == GATEWAYS[name]
+            await api.call("PUT", f"/routers/{router['id']}/add_router_interface",
+                           {"subnet_id": subnets[name]["id"]})
+        ips = {}
+        for vm, (side, chassis) in VMS.items():
+            port = await api.create("port", network_id=subnets[side]["network_id"], name=vm)
+            ips[vm] = port["fixed_ips"][0]["ip_address"]
+            await boot(lab, api, vm, port["id"], chassis)
+        yield Rig(lab, api, ips)
 
 
 async def routed_everywhere(rig: Rig) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from ferry.lab.lab import Lab, destroy_leftovers
+from ferry.lab.lab import Lab
 from ferry.lab.migrate import (
     migrate,
     post_migration,
@@ -24,7 +24,7 @@ from ferry.lab.migrate import (
 )
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
-from ferry.lab.services import start_control_plane
+from ferry.lab.session import lab_session
 from ferry.probe.runner import Probe, now_ns
 
 pytestmark = [pytest.mark.lab, pytest.mark.asyncio(loop_scope="module")]
@@ -54,23 +54,14 @@ class Rig:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def rig() -> AsyncIterator[Rig]:
-    lab = await asyncio.to_thread(Lab.create, 3)
-    try:
-        await asyncio.to_thread(start_control_plane, lab, "memory")
-        url = lab.service("api").url  # type: ignore[union-attr]
-        assert url is not None
-        async with Neutron(url) as api:
-            net = await api.create("network", name="live")
-            await api.create("subnet", network_id=net["id"], cidr="10.40.0.0/24",
-                             ip_version=4)
-            for name, ch in {"vm": "chassis-1", "c1": "chassis-1", "c2": "chassis-2",
-                             "c3": "chassis-3"}.items():
-                port = await api.create("port", network_id=net["id"], name=name)
-                await boot(lab, api, name, port["id"], ch)
-            yield Rig(lab, api)
-    finally:
-        await asyncio.to_thread(lab.destroy)
-        await asyncio.to_thread(destroy_leftovers, lab.prefix)
+    async with lab_session(3) as (lab, api):
+        net = await api.create("network", name="live")
+        await api.create("subnet", network_id=net["id"], cidr="10.40.0.0/24", ip_version=4)
+        for name, ch in {"vm": "chassis-1", "c1": "chassis-1", "c2": "chassis-2",
+                         "c3": "chassis-3"}.items():
+            port = await api.create("port", network_id=net["id"], name=name)
+            await boot(lab, api, name, port["id"], ch)
+        yield Rig(lab, api)
 
 
 async def test_activation_in_the_datapath_before_novas_post_migration(

@@ -1,0 +1,32 @@
+"""A lab with its control plane up and a client of its API, as one ``async with``.
+
+Everything the lab made (namespaces, links, processes by PID) is removed on the way out,
+also when the body fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from ferry.lab.lab import Lab, LabError, destroy_leftovers
+from ferry.lab.neutron import Neutron
+from ferry.lab.services import start_control_plane
+
+
+@asynccontextmanager
+async def lab_session(chassis: int = 3, store: str = "memory"
+                      ) -> AsyncIterator[tuple[Lab, Neutron]]:
+    """A new lab of ``chassis`` chassis, its store (memory or etcd), API and controllers."""
+    lab = await asyncio.to_thread(Lab.create, chassis)
+    try:
+        await asyncio.to_thread(start_control_plane, lab, store)
+        api = lab.service("api")
+        if api is None or api.url is None:
+            raise LabError(f"lab {lab.prefix}: the control plane started without an API")
+        async with Neutron(api.url) as client:
+            yield lab, client
+    finally:
+        await asyncio.to_thread(lab.destroy)
+        await asyncio.to_thread(destroy_leftovers, lab.prefix)
