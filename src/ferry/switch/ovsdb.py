@@ -307,28 +307,35 @@ def _ensure_bridge_row(txn: Any, idl: Any, spec: _BridgeSpec, changes: list[str]
     return br
 
 
-def _ensure_tunnel_port(
-    txn: Any, idl: Any, br: Any, spec: _BridgeSpec, changes: list[str]
-) -> None:
-    name = spec.tunnel_port
+def _ensure_port(txn: Any, idl: Any, br: Any, br_name: str, name: str, type_: str,
+                 options: Mapping[str, str], changes: list[str]) -> None:
+    """Port ``name`` on ``br`` whose interface has type ``type_`` and (at least) ``options``:
+    created, or its type and options set right. The same name on another bridge is an error."""
     port = _find(idl, "Port", name)
     if port is None:
-        _insert_port(txn, idl, br, name, type="geneve", options=dict(GENEVE_OPTIONS))
-        changes.append(f"created geneve port {name}")
+        _insert_port(txn, idl, br, name, type=type_, options=dict(options))
+        changes.append(f"created {type_} port {name} on {br_name}")
         return
     if port.uuid not in {p.uuid for p in br.ports}:
-        raise OvsdbError(f"port {name} exists but is not on bridge {spec.bridge}")
+        raise OvsdbError(f"{type_} port {name} exists but is not on bridge {br_name}")
     iface = _find(idl, "Interface", name)
     if iface is None:
         raise OvsdbError(f"port {name} exists without an interface named {name}")
-    if iface.type != "geneve":
-        iface.type = "geneve"
-        changes.append(f"{name}: type=geneve")
-    options = dict(iface.options)
-    for key, value in GENEVE_OPTIONS.items():
-        if options.get(key) != value:
+    if iface.type != type_:
+        iface.type = type_
+        changes.append(f"{name}: type={type_}")
+    current = dict(iface.options)
+    for key, value in options.items():
+        if current.get(key) != value:
             iface.setkey("options", key, value)
             changes.append(f"{name}: options:{key}={value}")
+
+
+def _ensure_tunnel_port(
+    txn: Any, idl: Any, br: Any, spec: _BridgeSpec, changes: list[str]
+) -> None:
+    _ensure_port(txn, idl, br, spec.bridge, spec.tunnel_port, "geneve", GENEVE_OPTIONS,
+                 changes)
 
 
 def _ensure_controller(txn: Any, idl: Any, br: Any, spec: _BridgeSpec, changes: list[str]) -> None:
@@ -379,22 +386,7 @@ def _ensure_patch_pair(txn: Any, idl: Any, int_bridge: str, bridge: str,
         br = _find(idl, "Bridge", br_name)
         if br is None:
             raise OvsdbError(f"bridge {br_name} does not exist (bridge mapping to {bridge})")
-        port = _find(idl, "Port", name)
-        if port is None:
-            _insert_port(txn, idl, br, name, type="patch", options={"peer": peer})
-            changes.append(f"created patch port {name} on {br_name}")
-            continue
-        if port.uuid not in {p.uuid for p in br.ports}:
-            raise OvsdbError(f"patch port {name} exists but is not on bridge {br_name}")
-        iface = _find(idl, "Interface", name)
-        if iface is None:
-            raise OvsdbError(f"port {name} exists without an interface named {name}")
-        if iface.type != "patch":
-            iface.type = "patch"
-            changes.append(f"{name}: type=patch")
-        if dict(iface.options).get("peer") != peer:
-            iface.setkey("options", "peer", peer)
-            changes.append(f"{name}: options:peer={peer}")
+        _ensure_port(txn, idl, br, br_name, name, "patch", {"peer": peer}, changes)
 
 
 def _set_external_ids(txn: Any, idl: Any, wanted: Mapping[str, str]) -> list[str]:
