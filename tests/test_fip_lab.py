@@ -19,11 +19,11 @@ import pytest
 import pytest_asyncio
 
 from ferry.lab import netns as nx
-from ferry.lab.lab import EXTERNAL_PHYSNET, Lab, destroy_leftovers
+from ferry.lab.lab import EXTERNAL_PHYSNET, Lab
 from ferry.lab.migrate import migrate
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
-from ferry.lab.services import start_control_plane
+from ferry.lab.session import lab_session
 from tests.labkit import eventually
 from tests.test_l3_lab import Ping, parse_ping
 
@@ -105,38 +105,30 @@ class Rig:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def rig() -> AsyncIterator[Rig]:
-    lab = await asyncio.to_thread(Lab.create, 3)
-    try:
-        await asyncio.to_thread(start_control_plane, lab, "memory")
-        url = lab.service("api").url  # type: ignore[union-attr]
-        assert url is not None
-        async with Neutron(url) as api:
-            public = await api.create("network", name="public", **{
-                "router:external": True, "provider:network_type": "flat",
-                "provider:physical_network": EXTERNAL_PHYSNET})
-            await api.create("subnet", network_id=public["id"], cidr=EXTERNAL, ip_version=4,
-                             gateway_ip=lab.outside_ip, enable_dhcp=False)
-            private = await api.create("network", name="private")
-            subnet = await api.create("subnet", network_id=private["id"], cidr=PRIVATE,
-                                      ip_version=4)
-            router = await api.create("router", name="r1",
-                                      external_gateway_info={"network_id": public["id"]})
-            await api.call("PUT", f"/routers/{router['id']}/add_router_interface",
-                           {"subnet_id": subnet["id"]})
-            port = await api.create("port", network_id=private["id"], name="vm1")
-            for proto in ("icmp", "udp"):  # the tenant lets the outside in
-                await api.call("POST", "/security-group-rules", {"security_group_rule": {
-                    "security_group_id": port["security_groups"][0], "direction": "ingress",
-                    "ethertype": "IPv4", "protocol": proto,
-                    "remote_ip_prefix": "0.0.0.0/0"}})
-            await boot(lab, api, "vm1", port["id"], "chassis-1")
-            fip = await api.create("floatingip", floating_network_id=public["id"],
-                                   port_id=port["id"])
-            yield Rig(lab, api, fip["floating_ip_address"],
-                      port["fixed_ips"][0]["ip_address"], port["mac_address"])
-    finally:
-        await asyncio.to_thread(lab.destroy)
-        await asyncio.to_thread(destroy_leftovers, lab.prefix)
+    async with lab_session(3) as (lab, api):
+        public = await api.create("network", name="public", **{
+            "router:external": True, "provider:network_type": "flat",
+            "provider:physical_network": EXTERNAL_PHYSNET})
+        await api.create("subnet", network_id=public["id"], cidr=EXTERNAL, ip_version=4,
+                         gateway_ip=lab.outside_ip, enable_dhcp=False)
+        private = await api.create("network", name="private")
+        subnet = await api.create("subnet", network_id=private["id"], cidr=PRIVATE,
+                                  ip_version=4)
+        router = await api.create("router", name="r1",
+                                  external_gateway_info={"network_id": public["id"]})
+        await api.call("PUT", f"/routers/{router['id']}/add_router_interface",
+                       {"subnet_id": subnet["id"]})
+        port = await api.create("port", network_id=private["id"], name="vm1")
+        for proto in ("icmp", "udp"):  # the tenant lets the outside in
+            await api.call("POST", "/security-group-rules", {"security_group_rule": {
+                "security_group_id": port["security_groups"][0], "direction": "ingress",
+                "ethertype": "IPv4", "protocol": proto,
+                "remote_ip_prefix": "0.0.0.0/0"}})
+        await boot(lab, api, "vm1", port["id"], "chassis-1")
+        fip = await api.create("floatingip", floating_network_id=public["id"],
+                               port_id=port["id"])
+        yield Rig(lab, api, fip["floating_ip_address"],
+                  port["fixed_ips"][0]["ip_address"], port["mac_address"])
 
 
 async def reachable(rig: Rig) -> None:

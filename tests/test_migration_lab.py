@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from ferry.lab.lab import Lab, destroy_leftovers
+from ferry.lab.lab import Lab
 from ferry.lab.migrate import (
     migrate,
     migration_record,
@@ -27,10 +26,10 @@ from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
 from ferry.lab.services import (
     spawn_controller,
-    start_control_plane,
     stop_controller,
     wait_controllers,
 )
+from ferry.lab.session import lab_session
 from tests.labkit import bridge_flows, eventually
 
 pytestmark = [pytest.mark.lab, pytest.mark.etcd, pytest.mark.asyncio(loop_scope="module")]
@@ -78,31 +77,18 @@ class Rig:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def rig() -> AsyncIterator[Rig]:
-    lab = await asyncio.to_thread(Lab.create, 3)
-    try:
-        await asyncio.to_thread(start_control_plane, lab, "etcd")
-        url = lab.service("api").url  # type: ignore[union-attr]
-        assert url is not None
-        async with Neutron(url) as api:
-            r = Rig(lab, api)
-            net = await api.create("network", name="mig")
-            await api.create("subnet", network_id=net["id"], cidr="10.30.0.0/24",
-                             ip_version=4)
-            placement = {"vm": "chassis-1", "vm2": "chassis-2", **CLIENTS}
-            for name, ch in placement.items():
-                port = await api.create("port", network_id=net["id"], name=name)
-                r.ips[name] = port["fixed_ips"][0]["ip_address"]
-                await boot(lab, api, name, port["id"], ch)
-            yield r
-    finally:
-        keep = os.environ.get("FERRY_TEST_LOGS")
-        if keep:  # the controllers' logs outlive the lab, for a post-mortem
-            await asyncio.to_thread(shutil.copytree, lab.state.lab_dir,
-                                    f"{keep}/{lab.prefix}", ignore=shutil.ignore_patterns(
-                                        "*.sock", "*.mgmt", "*.snoop", "*.ofp", "*.ctl",
-                                        "conf.db*"), dirs_exist_ok=True)
-        await asyncio.to_thread(lab.destroy)
-        await asyncio.to_thread(destroy_leftovers, lab.prefix)
+    # FERRY_TEST_LOGS: the controllers' logs outlive the lab, for a post-mortem.
+    async with lab_session(3, "etcd", keep_logs_in=os.environ.get("FERRY_TEST_LOGS")) as (
+            lab, api):
+        r = Rig(lab, api)
+        net = await api.create("network", name="mig")
+        await api.create("subnet", network_id=net["id"], cidr="10.30.0.0/24", ip_version=4)
+        placement = {"vm": "chassis-1", "vm2": "chassis-2", **CLIENTS}
+        for name, ch in placement.items():
+            port = await api.create("port", network_id=net["id"], name=name)
+            r.ips[name] = port["fixed_ips"][0]["ip_address"]
+            await boot(lab, api, name, port["id"], ch)
+        yield r
 
 
 @pytest.mark.parametrize("mode", ["live", "spec"])

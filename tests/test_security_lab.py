@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from ferry.lab.lab import Lab, destroy_leftovers
+from ferry.lab.lab import Lab
 from ferry.lab.migrate import migrate
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
-from ferry.lab.services import start_control_plane
+from ferry.lab.session import lab_session
 from tests.labkit import eventually
 
 pytestmark = [pytest.mark.lab, pytest.mark.asyncio(loop_scope="module")]
@@ -166,13 +166,9 @@ class Rig:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def rig() -> AsyncIterator[Rig]:
-    lab = await asyncio.to_thread(Lab.create, 3)
-    servers: list[subprocess.Popen[str]] = []
-    try:
-        await asyncio.to_thread(start_control_plane, lab, "memory")
-        url = lab.service("api").url  # type: ignore[union-attr]
-        assert url is not None
-        async with Neutron(url) as api:
+    async with lab_session(3) as (lab, api):
+        servers: list[subprocess.Popen[str]] = []
+        try:
             r = Rig(lab, api)
             await build(r)
             for vm in ("srv", "cli", "other"):
@@ -182,12 +178,10 @@ async def rig() -> AsyncIterator[Rig]:
                 line = await asyncio.to_thread(server.stdout.readline)
                 assert line.strip() == "ready", f"echo server in {vm}: {line!r}"
             yield r
-    finally:
-        for server in servers:
-            server.kill()
-            await asyncio.to_thread(server.wait)
-        await asyncio.to_thread(lab.destroy)
-        await asyncio.to_thread(destroy_leftovers, lab.prefix)
+        finally:
+            for server in servers:
+                server.kill()
+                await asyncio.to_thread(server.wait)
 
 
 async def build(r: Rig) -> None:
