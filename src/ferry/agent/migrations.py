@@ -77,8 +77,7 @@ class MigrationPublisher:
         old = await self.nb.get(Migration, c.port_id)
         if old is None:
             await self.nb.create(new)
-        elif old.status in (MigrationStatus.PLUGGED, MigrationStatus.SOURCE_UNPLUGGED) and (
-            old.source_chassis, old.dest_chassis) == (c.source, c.dest):
+        elif old.in_progress and (old.source_chassis, old.dest_chassis) == (c.source, c.dest):
             return
         else:  # a finished migration of this port: the new one replaces it
             await self.nb.update(new.model_copy(update={"version": old.version}))
@@ -87,9 +86,7 @@ class MigrationPublisher:
 
     async def _activated(self, port_id: str, now: float) -> None:
         def change(m: Migration) -> Migration:
-            if m.activated or m.dest_chassis != self.chassis or m.status not in (
-                MigrationStatus.PLUGGED, MigrationStatus.SOURCE_UNPLUGGED
-            ):
+            if m.activated or m.dest_chassis != self.chassis or not m.in_progress:
                 return m
             return m.model_copy(update={"activated": True,
                                         "timestamps": {**m.timestamps, "activated": now}})
@@ -124,10 +121,7 @@ class MigrationPublisher:
         """Record when this chassis' flows for the port's current location were acked."""
         async with self._lock:
             def change(m: Migration) -> Migration:
-                phase = "activated" if m.activated and m.status in (
-                    MigrationStatus.PLUGGED, MigrationStatus.SOURCE_UNPLUGGED) else (
-                    m.status.value)
-                key = f"acked.{self.chassis}.{phase}"
+                key = f"acked.{self.chassis}.{m.phase}"
                 if key in m.timestamps:
                     return m
                 return m.model_copy(update={"timestamps": {**m.timestamps, key: at}})

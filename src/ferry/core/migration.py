@@ -85,12 +85,9 @@ class Abandon:
 
 Intent = Claim | ClaimRefused | Activated | SourceGone | Complete | Abandon
 
-ACTIVE = (MigrationStatus.PLUGGED, MigrationStatus.SOURCE_UNPLUGGED)
-
-
 def _record(topo: Topology, port_id: str) -> Migration | None:
     m = topo.get(Migration, port_id)
-    return m if m is not None and m.status in ACTIVE else None
+    return m if m is not None and m.in_progress else None
 
 
 def on_vif_online(topo: Topology, port: LogicalPort) -> list[Intent]:

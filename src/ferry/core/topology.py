@@ -174,8 +174,7 @@ class Topology:
         this, whoever wrote it, is ignored: no chassis takes a port it was not given.
         """
         m = self.get(Migration, port.id)
-        if m is None or m.status not in (MigrationStatus.PLUGGED,
-                                         MigrationStatus.SOURCE_UNPLUGGED):
+        if m is None or not m.in_progress:
             return None
         if m.source_chassis != port.host or not authorized(port, m.dest_chassis):
             return None

@@ -512,6 +512,17 @@ class Migration(NbObject):
         default_factory=dict, description="Event name → wall-clock time it was seen."
     )
 
+    @property
+    def in_progress(self) -> bool:
+        """Between the claim (step 1) and its end (done or rolled back)."""
+        return self.status in (MigrationStatus.PLUGGED, MigrationStatus.SOURCE_UNPLUGGED)
+
+    @property
+    def phase(self) -> str:
+        """The status, or ``activated`` while in progress once the VM's first frame on the
+        destination activated the port: what a chassis' flow ack is recorded under."""
+        return "activated" if self.activated and self.in_progress else self.status.value
+
     @model_validator(mode="after")
     def _two_chassis(self) -> Self:
         if self.source_chassis == self.dest_chassis:
