@@ -1,6 +1,9 @@
 """Live migrations under the 1 kHz probe on one real lab, both migration modes side by side
 (spec: the spec's three steps; live: bound to both chassis, activated in the datapath), with
-the given pause and with no pause at all. Per traffic class (L2: clients on the VM's network;
+the given pause and with no pause at all; and, as the floor they are measured against, the
+same pause with no migration at all (in-place: the VM frozen and resumed on its own VIF, with
+its RARP; the downtime it shows comes from the probe's 1 ms spacing and the pause mechanics,
+not from any flow change). Per traffic class (L2: clients on the VM's network;
 L3: clients on another subnet, through a distributed router; FIP: the lab's outside host, to
 the VM's floating IP over the external network), per mode and per pause:
 
@@ -27,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ferry.demo import TRAFFIC_CLASSES, MigrationResult, run_demo, summary
-from ferry.lab.migrate import LINKS
+from ferry.lab.migrate import IN_PLACE, LINKS
 
 
 def pct(values: list[float], q: float) -> float:
@@ -58,7 +61,8 @@ def main() -> None:
     ap.add_argument("--store", choices=["memory", "etcd"], default="memory")
     ap.add_argument("--chassis", type=int, default=3)
     ap.add_argument("--pause-ms", type=float, default=50.0)
-    ap.add_argument("--modes", default="spec,live")
+    ap.add_argument("--modes", default=f"spec,live,{IN_PLACE}",
+                    help=f"comma-separated: spec, live, {IN_PLACE} (no migration: the floor)")
     ap.add_argument("--unplug-delay-ms", type=float, default=100.0)
     ap.add_argument("--rate-hz", type=float, default=1000.0)
     ap.add_argument("--clients", type=int, default=1, help="probe clients per traffic class")
@@ -69,6 +73,10 @@ def main() -> None:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     modes = a.modes.split(",")
+    unknown = sorted(set(modes) - {"spec", "live", IN_PLACE})
+    if unknown or not modes:
+        ap.error(f"--modes {a.modes!r}: unknown {', '.join(unknown)}; want spec, live, "
+                 f"{IN_PLACE}")
     pauses = [a.pause_ms] + ([0.0] if a.pause_ms else [])
     # Interleaved, so that both modes see the same lab in the same state over time.
     plan: list[tuple[str | None, float]] = [

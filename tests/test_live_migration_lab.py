@@ -14,7 +14,9 @@ import pytest_asyncio
 
 from ferry.lab.lab import Lab
 from ferry.lab.migrate import (
+    IN_PLACE,
     migrate,
+    pause_in_place,
     post_migration,
     pre_migration,
     stop_and_resume,
@@ -162,6 +164,24 @@ async def test_a_silent_vm_is_switched_by_the_fallback(rig: Rig, tmp_path: Path,
     assert done is not None and done["fallback"] == fallback and not done["activated"]
     report = probe.report(pause=run.pause_window_ns)
     assert all(c.duplicated == 0 for c in report.clients)
+
+
+async def test_a_pause_in_place_stops_delivery_for_the_pause_only(
+        rig: Rig, tmp_path: Path) -> None:
+    """The benchmark's floor: the VM frozen and resumed on its own VIF. Delivery stops for
+    the whole pause (the freeze works) and comes back on the same chassis, nothing twice."""
+    where = rig.lab.vm("vm").active_vif.chassis  # type: ignore[union-attr]
+    async with Probe(rig.lab, "vm", ["c1", "c2", "c3"], out_dir=tmp_path / "probe") as probe:
+        await probe.await_delivered(100)
+        run = await pause_in_place(rig.lab, "vm", 50)
+        await probe.await_delivered(100, since_ns=now_ns())
+    assert run.mode == IN_PLACE and run.source == run.dest == where
+    assert rig.lab.vm("vm").active_vif.chassis == where  # type: ignore[union-attr]
+    report = probe.report(pause=run.pause_window_ns)
+    for c in report.clients:
+        assert c.duplicated == 0 and c.downtime is not None and c.downtime.recovered, c
+        assert c.downtime_ms is not None and c.downtime_ms >= 50, c
+        assert c.downtime_beyond_pause_ms is not None and c.downtime_beyond_pause_ms < 20, c
 
 
 ALL_CHASSIS = ("chassis-1", "chassis-2", "chassis-3")

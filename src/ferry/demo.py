@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ferry.lab.lab import EXTERNAL_PHYSNET, Lab, destroy_leftovers
-from ferry.lab.migrate import LINKS, MigrationRun, migrate
+from ferry.lab.migrate import IN_PLACE, LINKS, MigrationRun, migrate, pause_in_place
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
 from ferry.lab.services import start_control_plane
@@ -128,14 +128,19 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
     await probe.astart()
     try:
         await probe.await_delivered(100)  # a baseline before the move
-        run = await migrate(lab, api, "vm", dest, pause_ms=pause_ms,
-                            unplug_delay_ms=unplug_delay_ms, mode=mode, links=links)
+        if mode == IN_PLACE:
+            run = await pause_in_place(lab, "vm", pause_ms)
+        else:
+            run = await migrate(lab, api, "vm", dest, pause_ms=pause_ms,
+                                unplug_delay_ms=unplug_delay_ms, mode=mode, links=links)
         await probe.await_delivered(200, since_ns=int(run.events["done"]))
     finally:
         await probe.astop()
     pause = run.pause_window_ns
     report = probe.report(pause=pause, around_ms=500)
-    switch = probe.report(pause=pause, around_ms=500, until_ns=int(run.events["unplugging"]))
+    unplug = run.events.get("unplugging")
+    switch = probe.report(pause=pause, around_ms=500,
+                          until_ns=None if unplug is None else int(unplug))
     plot = probe.plot(out / f"migration{number}.png", pause=pause, xlim_ms=(-100, 400))
     total = report.total
     by_class: dict[str, dict[str, float]] = {}
@@ -178,11 +183,16 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
             names = [ch.name for ch in lab.state.chassis]
             results = []
             here = names[0]
+            moves = 0
             for i, (mode, pause) in enumerate(plan):
                 # Back and forth between the first two chassis, then across all of them.
                 dest = names[1] if here == names[0] else names[0]
-                if i >= 2 and len(names) > 2:
+                if moves >= 2 and len(names) > 2:
                     dest = names[(names.index(here) + 1) % len(names)]
+                if mode == IN_PLACE:
+                    dest = here
+                else:
+                    moves += 1
                 r = await one_migration(lab, api, i + 1, dest, clients, out, pause,
                                         unplug_delay_ms, rate_hz, mode, targets,
                                         links=links)

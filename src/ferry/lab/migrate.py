@@ -121,14 +121,39 @@ async def stop_and_resume(lab: Lab, run: MigrationRun, rarps: int = 1) -> None:
     """libvirt's part: the stop-and-copy pause, then the resume with QEMU's RARP (``rarps``
     of them; 0 for a VM that says nothing on resume, as with vhost-user), done inside the
     VM's namespace by one process so that the times are exact to the microsecond."""
+    await stop_and_resume_times(lab, run, rarps)
+    # the lab's records (no link changes with steady links)
+    await asyncio.to_thread(lab.stop_on, run.vm, run.source, run.links == "steady")
+    await asyncio.to_thread(lab.set_link, run.vm, run.dest, True)
+
+
+IN_PLACE = "in-place"
+"""Not a migration: the VM paused and resumed on its own VIF, as :func:`pause_in_place` does.
+Under the same probe, it measures the floor that any migration's downtime is compared with."""
+
+
+async def pause_in_place(lab: Lab, vm: str, pause_ms: float, rarps: int = 1) -> MigrationRun:
+    """The hypervisor's pause and resume with the VM staying where it runs: frozen on its VIF
+    (steady link), resumed on the same VIF ``pause_ms`` later, with its RARP. No API call, no
+    flow changes: the downtime it shows is the probe's and the pause mechanics' own."""
+    v = lab.vm(vm)
+    active = v.active_vif
+    if active is None:
+        raise LabError(f"VM {vm} runs nowhere")
+    port = active.chassis
+    run = MigrationRun(vm, v.port_id, port, port, pause_ms, mode=IN_PLACE)
+    await stop_and_resume_times(lab, run, rarps)
+    run.mark("done")
+    return run
+
+
+async def stop_and_resume_times(lab: Lab, run: MigrationRun, rarps: int) -> None:
+    """Run the hypervisor's move and record its times in ``run`` (pause, resume, RARP)."""
     times = await asyncio.to_thread(hypervisor_move, lab, run.vm, run.source, run.dest,
                                     run.pause_ms, rarps, freeze=run.links == "steady")
     for name, key in (("paused", "down_ns"), ("resumed", "up_ns"), ("announced", "rarp_ns")):
         run.events[name] = times[key]
         run.wall[name] = time.time() - (time.monotonic_ns() - times[key]) / 1e9
-    # the lab's records (no link changes with steady links)
-    await asyncio.to_thread(lab.stop_on, run.vm, run.source, run.links == "steady")
-    await asyncio.to_thread(lab.set_link, run.vm, run.dest, True)
 
 
 async def unplug_source(lab: Lab, run: MigrationRun) -> None:
@@ -150,12 +175,15 @@ async def post_migration(api: Neutron, run: MigrationRun) -> None:
 
 def hypervisor_move(lab: Lab, vm: str, source: str, dest: str, pause_ms: float,
                     rarps: int = 1, freeze: bool = True) -> dict[str, int]:
-    """Stop the VM on ``source`` and resume it on ``dest`` after ``pause_ms``, with RARPs.
-    ``freeze``: the VM stops using its source VIF but the link stays up (else it goes down)."""
+    """Stop the VM on ``source`` and resume it on ``dest`` after ``pause_ms``, with RARPs
+    (``source`` == ``dest``: a pause in place, on the same VIF). ``freeze``: the VM stops
+    using its source VIF but the link stays up (else it goes down)."""
     v = lab.vm(vm)
     down, up = v.vif(lab.chassis(source).name), v.vif(lab.chassis(dest).name)
     if down is None or up is None:
         raise LabError(f"VM {vm} must be plugged on both {source} and {dest}")
+    if down is up and not freeze:
+        raise LabError(f"a pause in place keeps the link up: moving {vm} needs freeze")
     r = lab.exec_in_vm(vm, [sys.executable, "-m", "ferry.probe.agent", "move", "--down",
                             down.guest_if, "--up", up.guest_if, "--pause-ms", str(pause_ms),
                             "--mac", v.mac, "--rarp", str(rarps),
