@@ -25,7 +25,7 @@ from ferry.lab.migrate import IN_PLACE, LINKS, MigrationRun, migrate, pause_in_p
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
 from ferry.lab.services import start_control_plane
-from ferry.probe.runner import OUTSIDE, Probe
+from ferry.probe.runner import OUTSIDE, Probe, now_ns
 
 console = Console(width=120)  # the summary table is wider than a pipe's default 80
 
@@ -52,6 +52,9 @@ class MigrationResult:
     """Downtime beyond the pause up to Nova's source unplug: the switch itself, without the
     forwarding stall that deleting a port causes in OVS's userspace datapath (ARCHITECTURE)."""
 
+
+AROUND_MS = 500.0
+"""Each migration's downtime is the longest gap within this much of its pause."""
 
 TRAFFIC_CLASSES = {"c": "L2", "r": "L3", OUTSIDE: "FIP"}
 """Probe clients by name prefix: c* share the VM's network; r* reach it through a router;
@@ -127,19 +130,23 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                   targets=targets)
     await probe.astart()
     try:
-        await probe.await_delivered(100)  # a baseline before the move
+        # Traffic all through the reported window (AROUND_MS each side of the pause): the
+        # probe's start and stop are not part of any migration.
+        await probe.await_delivered(100)
+        await probe.await_delivered(1, since_ns=now_ns() + int(AROUND_MS * 1e6))
         if mode == IN_PLACE:
             run = await pause_in_place(lab, "vm", pause_ms)
         else:
             run = await migrate(lab, api, "vm", dest, pause_ms=pause_ms,
                                 unplug_delay_ms=unplug_delay_ms, mode=mode, links=links)
-        await probe.await_delivered(200, since_ns=int(run.events["done"]))
+        await probe.await_delivered(200, since_ns=max(
+            int(run.events["done"]), run.pause_window_ns[1] + int(AROUND_MS * 1e6)))
     finally:
         await probe.astop()
     pause = run.pause_window_ns
-    report = probe.report(pause=pause, around_ms=500)
+    report = probe.report(pause=pause, around_ms=AROUND_MS)
     unplug = run.events.get("unplugging")
-    switch = probe.report(pause=pause, around_ms=500,
+    switch = probe.report(pause=pause, around_ms=AROUND_MS,
                           until_ns=None if unplug is None else int(unplug))
     plot = probe.plot(out / f"migration{number}.png", pause=pause, xlim_ms=(-100, 400))
     total = report.total
