@@ -205,7 +205,9 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                                         links=links)
                 results.append(r)
                 here = dest
-                console.print(f"migration {r.number} ({r.mode}): {r.source} → {r.dest}: downtime "
+                move = ("no migration, paused in place on " + r.source if r.mode == IN_PLACE
+                        else f"{r.source} → {r.dest}")
+                console.print(f"run {r.number} ({r.mode}): {move}: downtime "
                               f"{_ms(r.downtime_ms)} ms, beyond the pause "
                               f"{_ms(r.beyond_pause_ms)} ms", highlight=False)
             return results
@@ -267,10 +269,13 @@ def demo_command(
     if links not in LINKS:
         raise typer.BadParameter(f"{links!r}: {' or '.join(LINKS)}", param_hint="--links")
     out.mkdir(parents=True, exist_ok=True)
-    results = asyncio.run(run_demo(chassis, store, migrations, pause_ms, unplug_delay_ms,
-                                   rate_hz, out, keep_lab, clients_per_class=clients,
-                                   links=links))
-    console.print(summary(results, f"store {store}"))
+    # First the same pause with no migration: the floor the migrations are compared with.
+    plan: list[tuple[str | None, float]] = [(IN_PLACE, pause_ms)] + [(None, pause_ms)] * migrations
+    everything = asyncio.run(run_demo(chassis, store, len(plan), pause_ms, unplug_delay_ms,
+                                      rate_hz, out, keep_lab, plan=plan,
+                                      clients_per_class=clients, links=links))
+    console.print(summary(everything, f"store {store}"))
+    floor, results = everything[0], everything[1:]
     beyond = stats([r.beyond_pause_ms for r in results])
     switch = stats([r.switch_beyond_ms for r in results])
     conv = stats([r.converged_ms for r in results])
@@ -278,9 +283,12 @@ def demo_command(
                                "downtime_beyond_pause_ms": beyond,
                                "downtime_beyond_pause_before_unplug_ms": switch,
                                "convergence_ms": conv,
+                               "floor_beyond_pause_ms": floor.beyond_pause_ms,
+                               "floor": asdict(floor),
                                "migrations": [asdict(r) for r in results]}
     (out / "figures.json").write_text(json.dumps(figures, indent=1))
     console.print(f"downtime beyond the pause: p50 {beyond.get('p50', 0):.1f} ms, max "
                   f"{beyond.get('max', 0):.1f} ms (up to Nova's source unplug: p50 "
-                  f"{switch.get('p50', 0):.1f} ms, max {switch.get('max', 0):.1f} ms); plots "
-                  f"and figures.json in {out}", highlight=False)
+                  f"{switch.get('p50', 0):.1f} ms, max {switch.get('max', 0):.1f} ms); the same "
+                  f"pause with no migration: {_ms(floor.beyond_pause_ms)} ms; plots and "
+                  f"figures.json in {out}", highlight=False)
