@@ -13,9 +13,12 @@ the VM's floating IP over the external network), per mode and per pause:
 - convergence (the switch the controllers follow: the destination datapath's report of the
   activation in live mode, held 30 ms by its agent before it is published; step 2 in spec
   mode → flows acked on every chassis) p50/p99;
-- packets lost, duplicated and reordered.
+- packets lost, duplicated and reordered;
+- the destination's datapath flows just before (p50): ``--background-flows N`` gives every
+  chassis about N more (:mod:`ferry.probe.background`), as on a busy hypervisor.
 
     .venv/bin/python bench/migration.py --migrations 10 [--store etcd] [--pause-ms 50]
+        [--background-flows 1000]
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ def figures(results: list[MigrationResult], cls: str) -> dict[str, float]:
                         f"{name}_max": max(vs)})
     if conv:
         out.update(converge_p50=pct(conv, 0.5), converge_p99=pct(conv, 0.99))
+    flows = [r.dest_flows for r in results if r.dest_flows is not None]
+    if flows:
+        out["dest_flows_p50"] = pct([float(f) for f in flows], 0.5)
     for k in ("lost", "duplicated", "reordered"):
         out[k] = sum(row[k] for row in rows)
     return out
@@ -69,11 +75,15 @@ def main() -> None:
     ap.add_argument("--links", choices=LINKS, default="steady",
                     help="steady: VIF links stay up as QEMU's taps do; flap: the source link "
                          "goes down at the pause, the destination's comes up at the resume")
+    ap.add_argument("--background-flows", type=int, default=0,
+                    help="about this many more datapath flows on every chassis, all along")
     ap.add_argument("--out", type=Path, default=Path("out/bench-migration"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     modes = a.modes.split(",")
     unknown = sorted(set(modes) - {"spec", "live", IN_PLACE})
+    if a.background_flows < 0:
+        ap.error(f"--background-flows {a.background_flows}: must be 0 or more")
     if unknown or not modes:
         ap.error(f"--modes {a.modes!r}: unknown {', '.join(unknown)}; want spec, live, "
                  f"{IN_PLACE}")
@@ -84,15 +94,17 @@ def main() -> None:
         for i in range(a.migrations * len(modes))]
     results = asyncio.run(run_demo(a.chassis, a.store, len(plan), a.pause_ms,
                                    a.unplug_delay_ms, a.rate_hz, a.out, plan=plan,
-                                   clients_per_class=a.clients, links=a.links))
+                                   clients_per_class=a.clients, links=a.links,
+                                   background=a.background_flows))
     console = Console(width=150)
     console.print(summary(results, f"store {a.store}"))
     table = Table(title=f"downtime beyond the pause per traffic class, store {a.store}, "
-                        f"{a.rate_hz:.0f} Hz probe, {a.links} VIF links (ms); p50/p99/max "
+                        f"{a.rate_hz:.0f} Hz probe, {a.links} VIF links, "
+                        f"{a.background_flows} background flows (ms); p50/p99/max "
                         "within 500 ms of the pause, and only up to Nova's source unplug")
     for col in ("class", "mode", "pause ms", "n", "p50", "p99", "max", "to-unplug p50",
                 "to-unplug p99", "to-unplug max", "converge p50", "converge p99", "lost",
-                "dup", "reord"):
+                "dup", "reord", "dest flows"):
         table.add_column(col, justify="right")
     report = {}
     for cls in TRAFFIC_CLASSES.values():
@@ -113,7 +125,8 @@ def add_row(table: Table, cls: str, mode: str, pause: float, f: dict[str, float]
                   *(f"{f.get(k, float('nan')):.1f}" for k in (
                       "beyond_p50", "beyond_p99", "beyond_max", "switch_p50", "switch_p99",
                       "switch_max", "converge_p50", "converge_p99")),
-                  *(str(int(f[k])) for k in ("lost", "duplicated", "reordered")))
+                  *(str(int(f[k])) for k in ("lost", "duplicated", "reordered")),
+                  f"{f.get('dest_flows_p50', float('nan')):.0f}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import pytest
 
 from ferry.lab.lab import Lab, destroy_leftovers, leftovers
 from ferry.lab.netns import wait_for
+from ferry.probe import background
+from ferry.probe.background import background_flows, datapath_flows
 from ferry.probe.plot import plot_timeline
 from ferry.probe.records import ClientData, ProbeData, load
 from ferry.probe.report import build_report
@@ -358,3 +360,27 @@ def test_target_moves_between_chassis(lab2: Lab, tmp_path: Path) -> None:
         assert c.downtime_beyond_pause_ms is not None and c.downtime_beyond_pause_ms < 20
     assert r.pause_ms is not None and r.total.downtime_ms is not None
     assert r.total.downtime_ms < r.pause_ms + 20
+
+
+@lab_test
+def test_background_flows_fill_the_datapath_and_stop(lab2: Lab) -> None:
+    """Frames to unknown MACs: one datapath flow each on the sender's chassis; the sender is
+    gone once the block is left."""
+    setup_vms(lab2, {"a": 1, "t": 2})
+    before = datapath_flows(lab2, "chassis-1")
+    with background_flows(lab2, "a", 300, period_s=1.0) as proc:
+        wait_for(lambda: datapath_flows(lab2, "chassis-1") >= before + 300, timeout=10,
+                 what="300 more datapath flows on chassis-1")
+        assert proc.poll() is None
+    assert proc.poll() is not None
+
+
+def test_background_frames_are_valid_and_distinct() -> None:
+    frames = background.frames("02:00:00:00:01:01", "10.0.1.1", 500)
+    assert len({f[:6] for f in frames}) == 500  # one destination MAC each
+    for f in frames[:3]:
+        assert f[0] & 1 == 0 and f[6:12] == bytes.fromhex("020000000101")
+        header = f[14:34]
+        assert background._checksum(header) == 0  # a valid IPv4 header sums to 0xffff
+    with pytest.raises(ValueError, match="flows must be in"):
+        background.frames("02:00:00:00:01:01", "10.0.1.1", 0)

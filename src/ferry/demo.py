@@ -12,6 +12,7 @@ import asyncio
 import json
 import shutil
 import statistics
+from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,9 +23,11 @@ from rich.table import Table
 
 from ferry.lab.lab import EXTERNAL_PHYSNET, Lab, destroy_leftovers
 from ferry.lab.migrate import IN_PLACE, LINKS, MigrationRun, migrate, pause_in_place
+from ferry.lab.netns import wait_for
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
 from ferry.lab.services import start_control_plane
+from ferry.probe.background import background_flows, datapath_flows
 from ferry.probe.runner import OUTSIDE, Probe, now_ns
 
 console = Console(width=120)  # the summary table is wider than a pipe's default 80
@@ -51,6 +54,9 @@ class MigrationResult:
     switch_beyond_ms: float | None = None
     """Downtime beyond the pause up to Nova's source unplug: the switch itself, without the
     forwarding stall that deleting a port causes in OVS's userspace datapath (ARCHITECTURE)."""
+    dest_flows: int | None = None
+    """Datapath flows on the destination just before: each revalidation round there (the
+    activation's switch waits for one) retranslates all of them."""
 
 
 AROUND_MS = 500.0
@@ -126,6 +132,7 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                         links: str = "steady") -> MigrationResult:
     run_dir = out / f"migration{number}"
     await asyncio.to_thread(shutil.rmtree, run_dir, True)  # a previous demo's records
+    dest_flows = await asyncio.to_thread(datapath_flows, lab, dest)
     probe = Probe(lab, "vm", clients, out_dir=run_dir, rate_hz=rate_hz, max_duration_s=60,
                   targets=targets)
     await probe.astart()
@@ -166,7 +173,7 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
     return MigrationResult(number, run.source, run.dest, (pause[1] - pause[0]) / 1e6,
                            report.downtime_ms, report.downtime_beyond_pause_ms, total.lost,
                            total.duplicated, total.reordered, convergence_ms(run), str(plot),
-                           run.mode, by_class, switch.downtime_beyond_pause_ms)
+                           run.mode, by_class, switch.downtime_beyond_pause_ms, dest_flows)
 
 
 async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
@@ -174,10 +181,12 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                    keep_lab: bool = False,
                    plan: list[tuple[str | None, float]] | None = None,
                    clients_per_class: int = 1, links: str = "steady",
-                   ) -> list[MigrationResult]:
+                   background: int = 0) -> list[MigrationResult]:
     """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause).
     ``links``: how the VIFs show the pause and resume (:data:`ferry.lab.migrate.LINKS`,
-    checked by :func:`ferry.lab.migrate.pre_migration`)."""
+    checked by :func:`ferry.lab.migrate.pre_migration`). ``background``: about that many
+    datapath flows on every chassis of the VM's network, all along
+    (:mod:`ferry.probe.background`, sent by the first L2 client)."""
     plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
     console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}")
@@ -185,9 +194,15 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
         await asyncio.to_thread(start_control_plane, lab, store)
         api_url = lab.service("api").url  # type: ignore[union-attr]
         assert api_url is not None
-        async with Neutron(api_url) as api:
+        async with Neutron(api_url) as api, AsyncExitStack() as stack:
             _, clients, targets = await build(lab, api, clients_per_class)
             names = [ch.name for ch in lab.state.chassis]
+            if background:
+                stack.enter_context(background_flows(lab, clients[0], background))
+                await wait_flows(lab, lab.vm(clients[0]).active_vif.chassis,  # type: ignore[union-attr]
+                                 background)
+                console.print("background: datapath flows per chassis " + ", ".join(
+                    f"{n} {datapath_flows(lab, n)}" for n in names), highlight=False)
             results = []
             here = names[0]
             moves = 0
@@ -217,6 +232,12 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
         else:
             await asyncio.to_thread(lab.destroy)
             await asyncio.to_thread(destroy_leftovers, lab.prefix)
+
+
+async def wait_flows(lab: Lab, chassis: str, count: int, within_s: float = 30.0) -> None:
+    """Until the chassis' datapath holds at least ``count`` flows."""
+    await asyncio.to_thread(wait_for, lambda: datapath_flows(lab, chassis) >= count, within_s,
+                            0.2, f"{count} datapath flows on {chassis}")
 
 
 def _ms(v: float | None) -> str:
