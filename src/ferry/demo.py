@@ -283,6 +283,10 @@ def demo_command(
         help="steady: VIF links stay up, as QEMU's taps do (the pause freezes the VM on the "
              "source; its link goes with Nova's unplug); flap: the source link goes down at "
              "the pause and the destination's comes up at the resume.")] = "steady",
+    background_flows: Annotated[int, typer.Option(
+        min=0, max=100_000, help="About this many more datapath flows on every chassis, all "
+                                 "along, as on a busy hypervisor (frames to unknown MACs from "
+                                 "a client VM).")] = 0,
 ) -> None:
     """Migrate a VM back and forth on a lab of real OVS chassis and report the downtime."""
     if store not in ("memory", "etcd"):
@@ -294,13 +298,15 @@ def demo_command(
     plan: list[tuple[str | None, float]] = [(IN_PLACE, pause_ms)] + [(None, pause_ms)] * migrations
     everything = asyncio.run(run_demo(chassis, store, len(plan), pause_ms, unplug_delay_ms,
                                       rate_hz, out, keep_lab, plan=plan,
-                                      clients_per_class=clients, links=links))
+                                      clients_per_class=clients, links=links,
+                                      background=background_flows))
     console.print(summary(everything, f"store {store}"))
     floor, results = everything[0], everything[1:]
     beyond = stats([r.beyond_pause_ms for r in results])
     switch = stats([r.switch_beyond_ms for r in results])
     conv = stats([r.converged_ms for r in results])
     figures: dict[str, Any] = {"store": store, "pause_ms": pause_ms, "links": links,
+                               "background_flows": background_flows,
                                "downtime_beyond_pause_ms": beyond,
                                "downtime_beyond_pause_before_unplug_ms": switch,
                                "convergence_ms": conv,
