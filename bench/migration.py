@@ -34,6 +34,7 @@ from rich.table import Table
 
 from ferry.demo import TRAFFIC_CLASSES, MigrationResult, run_demo, summary
 from ferry.lab.migrate import IN_PLACE, LINKS
+from ferry.probe.background import MAX_BACKGROUND_FLOWS
 
 
 def pct(values: list[float], q: float) -> float:
@@ -82,8 +83,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     modes = a.modes.split(",")
     unknown = sorted(set(modes) - {"spec", "live", IN_PLACE})
-    if a.background_flows < 0:
-        ap.error(f"--background-flows {a.background_flows}: must be 0 or more")
+    if not 0 <= a.background_flows <= MAX_BACKGROUND_FLOWS:
+        ap.error(f"--background-flows {a.background_flows}: must be in 0..{MAX_BACKGROUND_FLOWS}")
     if unknown or not modes:
         ap.error(f"--modes {a.modes!r}: unknown {', '.join(unknown)}; want spec, live, "
                  f"{IN_PLACE}")

@@ -27,7 +27,7 @@ from ferry.lab.netns import wait_for
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
 from ferry.lab.services import start_control_plane
-from ferry.probe.background import background_flows, datapath_flows
+from ferry.probe.background import MAX_BACKGROUND_FLOWS, background_flows, datapath_flows
 from ferry.probe.runner import OUTSIDE, Probe, now_ns
 
 console = Console(width=120)  # the summary table is wider than a pipe's default 80
@@ -284,9 +284,9 @@ def demo_command(
              "source; its link goes with Nova's unplug); flap: the source link goes down at "
              "the pause and the destination's comes up at the resume.")] = "steady",
     background_flows: Annotated[int, typer.Option(
-        min=0, max=100_000, help="About this many more datapath flows on every chassis, all "
-                                 "along, as on a busy hypervisor (frames to unknown MACs from "
-                                 "a client VM).")] = 0,
+        min=0, max=MAX_BACKGROUND_FLOWS,
+        help="About this many more datapath flows on every chassis, all along, as on a busy "
+             "hypervisor (frames to unknown MACs from a client VM, N/3 per second).")] = 0,
 ) -> None:
     """Migrate a VM back and forth on a lab of real OVS chassis and report the downtime."""
     if store not in ("memory", "etcd"):

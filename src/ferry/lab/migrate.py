@@ -140,8 +140,8 @@ async def pause_in_place(lab: Lab, vm: str, pause_ms: float, rarps: int = 1) -> 
     active = v.active_vif
     if active is None:
         raise LabError(f"VM {vm} runs nowhere")
-    port = active.chassis
-    run = MigrationRun(vm, v.port_id, port, port, pause_ms, mode=IN_PLACE)
+    where = active.chassis
+    run = MigrationRun(vm, v.port_id, where, where, pause_ms, mode=IN_PLACE)
     await stop_and_resume_times(lab, run, rarps)
     run.mark("done")
     return run
@@ -183,7 +183,7 @@ def hypervisor_move(lab: Lab, vm: str, source: str, dest: str, pause_ms: float,
     if down is None or up is None:
         raise LabError(f"VM {vm} must be plugged on both {source} and {dest}")
     if down is up and not freeze:
-        raise LabError(f"a pause in place keeps the link up: moving {vm} needs freeze")
+        raise LabError(f"pausing {vm} in place needs freeze (its link stays up)")
     r = lab.exec_in_vm(vm, [sys.executable, "-m", "ferry.probe.agent", "move", "--down",
                             down.guest_if, "--up", up.guest_if, "--pause-ms", str(pause_ms),
                             "--mac", v.mac, "--rarp", str(rarps),

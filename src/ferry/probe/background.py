@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 SINK_IP = "192.0.2.1"  # TEST-NET-1: the frames' destination address, never anyone's
 UDP_SPORT, UDP_DPORT = 40000, 9  # discard
 PERIOD_S = 3.0  # well under OVS's default max-idle (10 s): the flows never expire
+MAX_BACKGROUND_FLOWS = 10_000
+"""What the lab's benchmarks allow: each flow costs a flooded frame every PERIOD_S, and more
+than ~3000 frames per second would measure the lab's two cores rather than the controller."""
 
 _stop = False
 
