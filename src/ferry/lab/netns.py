@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 NETNS_DIR = Path("/run/netns")
 SYS_NET = Path("/sys/class/net")
@@ -241,6 +241,18 @@ def pid_alive(pid: int, starttime: int | None = None) -> bool:
     if now is None:
         return False
     return starttime is None or now == starttime
+
+
+def stop_child(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+    """SIGTERM a child process of ours, SIGKILL it if still there after ``timeout``; reaped."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
 
 
 def kill_pids(pids: dict[int, int | None], timeout: float = 5.0) -> list[int]:

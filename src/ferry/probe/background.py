@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from ferry.lab.netns import stop_child
+
 if TYPE_CHECKING:
     from ferry.lab.lab import Lab
 
@@ -103,12 +105,7 @@ def background_flows(lab: Lab, vm: str, count: int,
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc)
 
 
 def datapath_flows(lab: Lab, chassis: str) -> int:

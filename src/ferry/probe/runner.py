@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from ferry.lab import netns as nx
 from ferry.lab.lab import Lab
 from ferry.probe import records as rc
 from ferry.probe.records import ProbeData, TailReader
@@ -295,14 +296,7 @@ class Probe:
 
 
 def _terminate(agent: _Agent, timeout: float) -> None:
-    proc = agent.proc
     try:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        nx.stop_child(agent.proc, timeout)
     finally:
         agent.log.close()
