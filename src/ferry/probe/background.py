@@ -55,10 +55,12 @@ def _checksum(header: bytes) -> int:
 
 
 def frames(src_mac: str, src_ip: str, count: int) -> list[bytes]:
-    """One Ethernet/IPv4/UDP frame per unknown destination MAC ``02:42:00:xx:xx:xx``."""
+    """One Ethernet/IPv4/UDP frame per unknown destination MAC ``02:42:xx:xx:xx:00``."""
     if not 0 < count <= 1 << 24:
         raise ValueError(f"flows must be in 1..{1 << 24}, got {count}")
     smac = bytes.fromhex(src_mac.replace(":", ""))
+    if len(smac) != 6:
+        raise ValueError(f"MAC {src_mac!r}: want six bytes")
     payload = bytes(18)
     udp = struct.pack("!HHHH", UDP_SPORT, UDP_DPORT, 8 + len(payload), 0) + payload
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
@@ -69,14 +71,13 @@ def frames(src_mac: str, src_ip: str, count: int) -> list[bytes]:
             + b"\x08\x00" + ip + udp for i in range(count)]
 
 
-def run(dev: str, src_mac: str, src_ip: str, count: int, period_s: float) -> int:
-    """Send until SIGTERM/SIGINT, evenly paced."""
+def run(dev: str, batch: list[bytes], period_s: float) -> int:
+    """Send ``batch`` over and over, once per ``period_s``, evenly paced, until SIGTERM/SIGINT."""
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     sock.bind((dev, 0))
-    batch = frames(src_mac, src_ip, count)
-    spacing = period_s / count
+    spacing = period_s / len(batch)
     due = time.monotonic()
     while not _stop:
         for frame in batch:
@@ -127,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--period-s", type=float, default=PERIOD_S,
                    help="each MAC gets one frame per period")
     a = p.parse_args(argv)
-    if not 0 < a.flows <= 1 << 24:
-        p.error(f"--flows {a.flows}: must be in 1..{1 << 24}")
     if not 0 < a.period_s < 10:
         p.error(f"--period-s {a.period_s}: must be in (0, 10) (OVS expires idle flows at 10 s)")
-    return run(a.dev, a.mac, a.ip, a.flows, a.period_s)
+    try:
+        batch = frames(a.mac, a.ip, a.flows)
+    except ValueError as e:
+        p.error(f"--flows {a.flows}, --mac {a.mac}, --ip {a.ip}: {e}")
+    return run(a.dev, batch, a.period_s)
 
 
 if __name__ == "__main__":
