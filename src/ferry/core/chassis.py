@@ -39,7 +39,6 @@ FlowKey = tuple[int, int, object]
 # Cookies say which app and which object own a flow: app index in the top byte, owner kind in
 # the next, the object's key below. Flows are deleted only by (key, cookie): never loosely.
 _KIND = {"static": 0, "network": 1, "port": 2}
-KEY_MASK = (1 << 48) - 1
 
 
 @dataclass(frozen=True)
@@ -131,9 +130,9 @@ class ChassisCore:
     def packet_in(self, table_id: int, cookie: int) -> list[Output]:
         """A packet-in from this chassis' switch: the table and cookie of the flow that sent
         it. Only the live-migration activation report means anything; the rest is ignored."""
-        if table_id != table("activation") or cookie >> 48 & 0xFF != _KIND["port"]:
+        key = port_key_of(cookie)
+        if table_id != table("activation") or key is None:
             return []
-        key = cookie & KEY_MASK
         port = next((p for p in self.topology.table(LogicalPort).values()
                      if p.tunnel_key == key), None)
         if port is None:
@@ -323,6 +322,13 @@ class ChassisCore:
 def cookie_of(app_index: int, kind: str, key: int) -> int:
     """App index in the top byte, owner kind in the next, the owner's key below."""
     return (app_index + 1) << 56 | _KIND[kind] << 48 | key
+
+
+def port_key_of(cookie: int) -> int | None:
+    """The port's key in the cookie of a flow that a port owns (:func:`cookie_of`), else None."""
+    if cookie >> 48 & 0xFF != _KIND["port"]:
+        return None
+    return cookie & ((1 << 48) - 1)
 
 
 def _with_cookie(flow: Flow, cookie: int) -> Flow:

@@ -85,6 +85,7 @@ class Abandon:
 
 Intent = Claim | ClaimRefused | Activated | SourceGone | Complete | Abandon
 
+
 def _record(topo: Topology, port_id: str) -> Migration | None:
     m = topo.get(Migration, port_id)
     return m if m is not None and m.in_progress else None
