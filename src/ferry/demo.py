@@ -1,9 +1,11 @@
 """``ferry demo``: live migration on a lab of real OVS chassis, measured by real packets.
 
-Builds a lab (embedded store, or etcd with one controller process per chassis), a network
-with a VM and one probe client per chassis, then migrates the VM back and forth under a
-1 kHz UDP probe from every client, prints the downtime figures per migration and writes the
-delivery timelines as PNGs. The lab is removed at the end, also on failure.
+Builds a lab (embedded store, or etcd with one controller process per chassis): a VM with a
+floating IP, probe clients on its network (L2), on another subnet behind a distributed router
+(L3) and the lab's outside host (FIP). Under a 1 kHz UDP probe from every client it first
+pauses the VM in place (no migration: the floor), then migrates it back and forth; prints the
+downtime figures per run and writes the delivery timelines as PNGs. The lab is removed at the
+end, also on failure.
 """
 
 from __future__ import annotations
