@@ -58,6 +58,11 @@ def figures(results: list[MigrationResult], cls: str) -> dict[str, float]:
         out["dest_flows_p50"] = pct([float(f) for f in flows], 0.5)
     for k in ("lost", "duplicated", "reordered"):
         out[k] = sum(row[k] for row in rows)
+    held = [row["held_ms"] for row in rows if not math.isnan(row.get("held_ms", math.nan))]
+    if held:
+        out.update(held_p50=pct(held, 0.5), held_p99=pct(held, 0.99), held_max=max(held))
+    if any("dest_dropped" in row for row in rows):
+        out["dest_dropped"] = sum(row.get("dest_dropped", 0) for row in rows)
     return out
 
 
@@ -78,6 +83,10 @@ def main() -> None:
                          "goes down at the pause, the destination's comes up at the resume")
     ap.add_argument("--background-flows", type=int, default=0,
                     help="about this many more datapath flows on every chassis, all along")
+    ap.add_argument("--hops", action="store_true",
+                    help="capture the probe packets entering the destination chassis "
+                         "(tcpdump) and show where each class' first packet after the resume "
+                         "waited, and how many the destination dropped after the RARP")
     ap.add_argument("--out", type=Path, default=Path("out/bench-migration"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +105,7 @@ def main() -> None:
     results = asyncio.run(run_demo(a.chassis, a.store, len(plan), a.pause_ms,
                                    a.unplug_delay_ms, a.rate_hz, a.out, plan=plan,
                                    clients_per_class=a.clients, links=a.links,
-                                   background=a.background_flows))
+                                   background=a.background_flows, capture=a.hops))
     console = Console(width=150)
     console.print(summary(results, f"store {a.store}"))
     table = Table(title=f"downtime beyond the pause per traffic class, store {a.store}, "
@@ -117,6 +126,8 @@ def main() -> None:
                 report[f"{cls}/{mode}/{pause:g}"] = f
                 add_row(table, cls, mode, pause, f)
     console.print(table)
+    if a.hops:
+        console.print(hops_table(report, pauses, modes))
     (a.out / "bench.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(a).items()}, "figures": report}, indent=1))
 
@@ -128,6 +139,24 @@ def add_row(table: Table, cls: str, mode: str, pause: float, f: dict[str, float]
                       "switch_max", "converge_p50", "converge_p99")),
                   *(str(int(f[k])) for k in ("lost", "duplicated", "reordered")),
                   f"{f.get('dest_flows_p50', float('nan')):.0f}")
+
+
+def hops_table(report: dict[str, dict[str, float]], pauses: list[float],
+               modes: list[str]) -> Table:
+    table = Table(title="the first packet after the resume, per class (worst client): held "
+                        "in the destination chassis from its arrival there to the VM (ms), "
+                        "and packets the destination dropped after the RARP (all runs)")
+    for col in ("class", "mode", "pause ms", "held p50", "held p99", "held max", "dropped"):
+        table.add_column(col, justify="right")
+    for cls in TRAFFIC_CLASSES.values():
+        for pause in pauses:
+            for mode in modes:
+                f = report[f"{cls}/{mode}/{pause:g}"]
+                table.add_row(cls, mode, f"{pause:g}",
+                              *(f"{f.get(k, float('nan')):.2f}"
+                                for k in ("held_p50", "held_p99", "held_max")),
+                              str(int(f.get("dest_dropped", 0))))
+    return table
 
 
 if __name__ == "__main__":

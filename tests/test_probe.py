@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -20,8 +21,10 @@ from typing import TypeVar
 import pytest
 
 from ferry.lab.lab import Lab, destroy_leftovers, leftovers
+from ferry.lab.netns import pid_alive as nx_alive
 from ferry.lab.netns import wait_for
-from ferry.probe import background
+from ferry.probe import background, capture
+from ferry.probe import records as rc
 from ferry.probe.background import background_flows, datapath_flows
 from ferry.probe.plot import plot_timeline
 from ferry.probe.records import ClientData, ProbeData, load
@@ -384,3 +387,94 @@ def test_background_frames_are_valid_and_distinct() -> None:
         assert background._checksum(header) == 0  # a valid IPv4 header sums to 0xffff
     with pytest.raises(ValueError, match="flows must be in"):
         background.frames("02:00:00:00:01:01", "10.0.1.1", 0)
+
+
+# -- where packets wait: captures at the chassis' edge -------------------------------------------
+
+def udp_frame(payload: bytes, dport: int, src: str = "10.0.1.1", dst: str = "10.0.1.10") -> bytes:
+    ip = (bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0]) + bytes(map(int, src.split("."))) +
+          bytes(map(int, dst.split("."))))
+    udp = (40000).to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(4)
+    return bytes.fromhex("020000000102" "020000000101" "0800") + ip + udp + payload
+
+
+def request(seq: int, flags: int = 0) -> bytes:
+    return rc.PACKET.pack(rc.MAGIC, 7, flags, seq, 123, 0)
+
+
+def geneve(inner: bytes) -> bytes:
+    option = bytes.fromhex("0102" "80" "01") + bytes(4)  # one 4-byte option: opt_len 2 words
+    header = bytes([0x02, 0, 0x65, 0x58, 0, 0, 0x65, 0]) + option
+    return udp_frame(header + inner, capture.GENEVE_PORT, "192.168.254.1", "192.168.254.2")
+
+
+def pcap(records: list[tuple[int, bytes]], nano: bool = True) -> bytes:
+    head = struct.pack("<IHHiIII", 0xA1B23C4D if nano else 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
+    body = b"".join(struct.pack("<IIII", ts // 10**9, ts % 10**9 // (1 if nano else 1000),
+                                len(f), len(f)) + f for ts, f in records)
+    return head + body
+
+
+def test_probe_requests_are_found_plain_and_in_geneve() -> None:
+    assert capture.probe_request(udp_frame(request(5), 9000)) == (7, 5)
+    assert capture.probe_request(geneve(udp_frame(request(6), 9000))) == (7, 6)
+    assert capture.probe_request(udp_frame(request(5, rc.FLAG_ECHO), 9000)) is None
+    assert capture.probe_request(udp_frame(b"not a probe packet at all!!!!!!", 9000)) is None
+    assert capture.probe_request(udp_frame(request(5), 9000)[:40]) is None
+    assert capture.probe_request(geneve(geneve(udp_frame(request(6), 9000)))) is None
+    # Geneve to another chassis (a sender's own traffic, leaving): not an arrival here
+    assert capture.probe_request(geneve(udp_frame(request(6), 9000)), "192.168.254.2") == (7, 6)
+    assert capture.probe_request(geneve(udp_frame(request(6), 9000)), "192.168.254.3") is None
+
+
+def test_arrivals_keep_the_first_sighting_on_the_monotonic_clock(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.pcap", tmp_path / "b.pcap"
+    a.write_bytes(pcap([(5_000_000_000, udp_frame(request(1), 9000)),
+                        (5_000_900_000, geneve(udp_frame(request(2), 9000)))]))
+    b.write_bytes(pcap([(5_000_300_000, udp_frame(request(1), 9000))], nano=False))
+    seen = capture.arrivals([a, b], realtime_offset_ns=1_000_000_000)
+    assert seen == {(7, 1): 4_000_000_000, (7, 2): 4_000_900_000}
+    (tmp_path / "c.pcap").write_bytes(b"\x00" * 24)
+    with pytest.raises(capture.CaptureError, match="not a little-endian pcap"):
+        capture.arrivals([tmp_path / "c.pcap"], 0)
+
+
+def test_hops_split_the_first_packet_and_count_drops_after_the_rarp() -> None:
+    ms = 1_000_000
+    resumed, announced = 100 * ms, 100 * ms + 10_000
+    sent = [(s, 90 * ms + s * ms, 0) for s in range(1, 16)]
+    # seq 2 entered before the RARP and was dropped (the pause); 10, sent at the resume, is
+    # the first delivered after it; 11 and 12 entered after the RARP and were dropped (a stale
+    # datapath flow); 13 was delivered
+    seen = {(7, s): t + 50_000 for s, t, _ in sent}
+    delivered = [(s, t, seen[(7, s)] + 100_000) for s, t, _ in sent if s not in (2, 11, 12)]
+    h = capture.hops("c1", 7, sent, delivered, seen, resumed, announced, 500 * ms)
+    first_after = min(rx for _, _, rx in delivered if rx >= resumed)
+    assert first_after == seen[(7, 10)] + 100_000
+    assert h == capture.Hops("c1", 0.05, 0.1, 2)
+    assert capture.hops("c1", 8, sent, delivered, seen, resumed, announced, 500 * ms) == \
+        capture.Hops("c1", None, None, 0)
+
+
+@lab_test
+def test_capture_sees_every_packet_enter_the_chassis_before_the_vm_gets_it(
+        lab2: Lab, tmp_path: Path) -> None:
+    setup_vms(lab2, {"a": 1, "t": 2})
+    cap = capture.Capture(lab2.ingress_links("chassis-2"), lab2.chassis(2).tunnel_ip,
+                          tmp_path / "cap")
+    probe = Probe(lab2, "t", ["a"], rate_hz=500.0, out_dir=tmp_path / "run")
+    with probe, cap:
+        pids = [p.pid for p in cap.procs]
+        assert len(pids) == 2
+        probe.wait_delivered(300, since_ns=now_ns(), timeout=5)
+    assert cap.procs == []
+    assert not any(nx_alive(pid) for pid in pids)
+    seen = cap.arrivals()
+    c = probe.data().clients[0]
+    inside = [(seq, ts, rx) for seq, ts, rx in c.delivered if (c.probe_id, seq) in seen]
+    assert len(inside) >= 300
+    for seq, ts, rx in inside:  # sent, then entered chassis-2, then delivered to t
+        assert ts < seen[(c.probe_id, seq)] < rx
+    h = capture.hops("a", c.probe_id, c.sent, c.delivered, seen, inside[0][2], inside[0][2],
+                     10**9)
+    assert h.held_ms is not None and 0 < h.held_ms < 20 and h.dropped == 0

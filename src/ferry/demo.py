@@ -30,6 +30,7 @@ from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
 from ferry.lab.services import start_control_plane
 from ferry.probe.background import MAX_BACKGROUND_FLOWS, background_flows, datapath_flows
+from ferry.probe.capture import Capture, Hops, hops
 from ferry.probe.runner import OUTSIDE, Probe, now_ns
 
 console = Console(width=120)  # the summary table is wider than a pipe's default 80
@@ -59,6 +60,8 @@ class MigrationResult:
     dest_flows: int | None = None
     """Datapath flows on the destination just before: each revalidation round there (the
     activation's switch waits for one) retranslates all of them."""
+    hops: list[Hops] = field(default_factory=list)
+    """With a capture: per client, where its first packet after the resume waited."""
 
 
 AROUND_MS = 500.0
@@ -131,17 +134,23 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                         out: Path, pause_ms: float, unplug_delay_ms: float,
                         rate_hz: float, mode: str | None = None,
                         targets: dict[str, str] | None = None,
-                        links: str = "steady") -> MigrationResult:
+                        links: str = "steady", capture: bool = False) -> MigrationResult:
+    """One migration (or in-place pause) under the probe. ``capture``: also record the probe
+    packets entering the destination chassis (:mod:`ferry.probe.capture`) for ``hops``."""
     run_dir = out / f"migration{number}"
     await asyncio.to_thread(shutil.rmtree, run_dir, True)  # a previous demo's records
     dest_flows = await asyncio.to_thread(datapath_flows, lab, dest)
     probe = Probe(lab, "vm", clients, out_dir=run_dir, rate_hz=rate_hz, max_duration_s=60,
                   targets=targets)
+    cap = (Capture(lab.ingress_links(dest), lab.chassis(dest).tunnel_ip, run_dir / "capture")
+           if capture else None)
     await probe.astart()
     try:
         # Traffic all through the reported window (AROUND_MS each side of the pause): the
         # probe's start and stop are not part of any migration.
         await probe.await_delivered(100)
+        if cap is not None:
+            await asyncio.to_thread(cap.start)
         await probe.await_delivered(1, since_ns=now_ns() + int(AROUND_MS * 1e6))
         if mode == IN_PLACE:
             run = await pause_in_place(lab, "vm", pause_ms)
@@ -151,7 +160,11 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
         await probe.await_delivered(200, since_ns=max(
             int(run.events["done"]), run.pause_window_ns[1] + int(AROUND_MS * 1e6)))
     finally:
-        await probe.astop()
+        try:
+            await probe.astop()
+        finally:
+            if cap is not None:
+                await asyncio.to_thread(cap.stop)
     pause = run.pause_window_ns
     report = probe.report(pause=pause, around_ms=AROUND_MS)
     unplug = run.events.get("unplugging")
@@ -159,6 +172,7 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                           until_ns=None if unplug is None else int(unplug))
     plot = probe.plot(out / f"migration{number}.png", pause=pause, xlim_ms=(-100, 400))
     total = report.total
+    found = hops_of(probe, cap, run) if cap is not None else []
     by_class: dict[str, dict[str, float]] = {}
     for prefix, cls in TRAFFIC_CLASSES.items():
         members = [c for c in report.clients if c.name.startswith(prefix)]
@@ -172,10 +186,26 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                              "lost": sum(c.lost for c in members),
                              "duplicated": sum(c.duplicated for c in members),
                              "reordered": sum(c.reordered for c in members)}
+            mine = [h for h in found if h.client.startswith(prefix)]
+            held = [h.held_ms for h in mine if h.held_ms is not None]
+            if mine:
+                by_class[cls].update(held_ms=max(held) if held else float("nan"),
+                                     dest_dropped=sum(h.dropped for h in mine))
     return MigrationResult(number, run.source, run.dest, (pause[1] - pause[0]) / 1e6,
                            report.downtime_ms, report.downtime_beyond_pause_ms, total.lost,
                            total.duplicated, total.reordered, convergence_ms(run), str(plot),
-                           run.mode, by_class, switch.downtime_beyond_pause_ms, dest_flows)
+                           run.mode, by_class, switch.downtime_beyond_pause_ms, dest_flows,
+                           found)
+
+
+def hops_of(probe: Probe, cap: Capture, run: MigrationRun) -> list[Hops]:
+    """Per client, where its first packet after the resume waited (the capture is of the
+    chassis the VM resumed on; drops are counted within AROUND_MS of the RARP)."""
+    seen = cap.arrivals()
+    resumed = int(run.events["resumed"])
+    announced = int(run.events.get("announced", resumed))
+    return [hops(c.name, c.probe_id, c.sent, c.delivered, seen, resumed, announced,
+                 int(AROUND_MS * 1e6)) for c in probe.data().clients]
 
 
 async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
@@ -183,12 +213,13 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                    keep_lab: bool = False,
                    plan: list[tuple[str | None, float]] | None = None,
                    clients_per_class: int = 1, links: str = "steady",
-                   background: int = 0) -> list[MigrationResult]:
+                   background: int = 0, capture: bool = False) -> list[MigrationResult]:
     """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause).
     ``links``: how the VIFs show the pause and resume (:data:`ferry.lab.migrate.LINKS`,
     checked by :func:`ferry.lab.migrate.pre_migration`). ``background``: about that many
     datapath flows on every chassis of the VM's network, all along
-    (:mod:`ferry.probe.background`, sent by the first L2 client)."""
+    (:mod:`ferry.probe.background`, sent by the first L2 client). ``capture``: see
+    :func:`one_migration`."""
     plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
     console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}")
@@ -219,7 +250,7 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                     moves += 1
                 r = await one_migration(lab, api, i + 1, dest, clients, out, pause,
                                         unplug_delay_ms, rate_hz, mode, targets,
-                                        links=links)
+                                        links=links, capture=capture)
                 results.append(r)
                 here = dest
                 move = ("no migration, paused in place on " + r.source if r.mode == IN_PLACE

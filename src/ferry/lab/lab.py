@@ -336,6 +336,12 @@ class Lab:
     def outside_ip(self) -> str:
         return str(ipaddress.ip_interface(OUTSIDE_CIDR).ip)
 
+    def ingress_links(self, chassis: str) -> list[str]:
+        """The root-namespace ends of the links into ``chassis``: its underlay veth (Geneve
+        from the other chassis) and its external network veth."""
+        ch = self.chassis(chassis)
+        return [ch.underlay_link, f"{self.prefix}-e{ch.index}"]
+
     def _build_external(self) -> None:
         """The external network's wire (``P-ex``), br-ex on every chassis, the outside host.
         Every root-namespace link is recorded (``extra_links``) before it exists."""
