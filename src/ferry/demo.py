@@ -188,8 +188,10 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                              "reordered": sum(c.reordered for c in members)}
             mine = [h for h in found if h.client.startswith(prefix)]
             held = [h.held_ms for h in mine if h.held_ms is not None]
+            travel = [h.to_chassis_ms for h in mine if h.to_chassis_ms is not None]
             if mine:
                 by_class[cls].update(held_ms=max(held) if held else float("nan"),
+                                     travel_ms=max(travel) if travel else float("nan"),
                                      dest_dropped=sum(h.dropped for h in mine))
     return MigrationResult(number, run.source, run.dest, (pause[1] - pause[0]) / 1e6,
                            report.downtime_ms, report.downtime_beyond_pause_ms, total.lost,
