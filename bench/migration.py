@@ -15,10 +15,13 @@ the VM's floating IP over the external network), per mode and per pause:
   mode → flows acked on every chassis) p50/p99;
 - packets lost, duplicated and reordered;
 - the destination's datapath flows just before (p50): ``--background-flows N`` gives every
-  chassis about N more (:mod:`ferry.probe.background`), as on a busy hypervisor.
+  chassis about N more (:mod:`ferry.probe.background`), as on a busy hypervisor;
+- with ``--hops`` (:mod:`ferry.probe.capture`, tcpdump on the destination's links): where each
+  class' first packet after the resume waited (its travel to the destination chassis, then
+  the time that chassis held it) and how many packets the destination dropped after the RARP.
 
     .venv/bin/python bench/migration.py --migrations 10 [--store etcd] [--pause-ms 50]
-        [--background-flows 1000]
+        [--background-flows 1000] [--hops]
 """
 
 from __future__ import annotations
