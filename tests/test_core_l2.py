@@ -6,7 +6,16 @@ from typing import Any
 
 import pytest
 
-from ferry.core.chassis import ChassisCore, PortBound, PortUnbound, diff_flows
+from ferry.agent.flowsync import is_ferry_cookie
+from ferry.core.chassis import (
+    ChassisCore,
+    PortBound,
+    PortUnbound,
+    app_index_of,
+    cookie_of,
+    diff_flows,
+    port_key_of,
+)
 from ferry.core.migration import ClaimRefused
 from ferry.core.topology import Local, Remote, Vif
 from ferry.model.objects import (
@@ -233,3 +242,13 @@ def test_diff_sends_only_the_difference(fab: Fabric) -> None:
     assert all(f.cookie & 0xFFFFFFFF == 12 for f in d.deletes
                if (f.cookie >> 48) & 0xFF == 2)  # the port's own flows carry its key
     assert len(d) < len(installed)
+
+
+def test_a_cookie_gives_back_its_app_and_port_and_only_ours_are_managed() -> None:
+    c = cookie_of(3, "port", 0x1234)
+    assert (app_index_of(c), port_key_of(c)) == (3, 0x1234)
+    assert port_key_of(cookie_of(3, "network", 0x65)) is None
+    assert is_ferry_cookie(cookie_of(0, "port", 1), n_apps=4)
+    assert is_ferry_cookie(cookie_of(3, "network", 1), n_apps=4)
+    assert not is_ferry_cookie(cookie_of(4, "port", 1), n_apps=4)  # an app we do not have
+    assert not is_ferry_cookie(0, n_apps=4)  # flows others (or ovs-ofctl) added

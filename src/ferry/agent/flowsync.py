@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ferry.core.chassis import FlowDiff, FlowKey, diff_flows
+from ferry.core.chassis import FlowDiff, FlowKey, app_index_of, diff_flows
 from ferry.switch.flow import Flow
 from ferry.switch.openflow import ConnectionLost, FlowModError, Switch, UnsupportedFlow
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def is_ferry_cookie(cookie: int, n_apps: int) -> bool:
-    return 1 <= cookie >> 56 <= n_apps
+    return 0 <= app_index_of(cookie) < n_apps
 
 
 class FlowSync:

@@ -324,6 +324,11 @@ def cookie_of(app_index: int, kind: str, key: int) -> int:
     return (app_index + 1) << 56 | _KIND[kind] << 48 | key
 
 
+def app_index_of(cookie: int) -> int:
+    """The app index in a cookie made by :func:`cookie_of` (-1 for a cookie of 0)."""
+    return (cookie >> 56) - 1
+
+
 def port_key_of(cookie: int) -> int | None:
     """The port's key in the cookie of a flow that a port owns (:func:`cookie_of`), else None."""
     if cookie >> 48 & 0xFF != _KIND["port"]:
