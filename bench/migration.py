@@ -38,6 +38,7 @@ from rich.table import Table
 from ferry.demo import TRAFFIC_CLASSES, MigrationResult, run_demo, summary
 from ferry.lab.migrate import IN_PLACE, LINKS
 from ferry.probe.background import MAX_BACKGROUND_FLOWS
+from ferry.probe.runner import PROBE_RT_PRIORITY
 
 
 def pct(values: list[float], q: float) -> float:
@@ -93,6 +94,11 @@ def main() -> None:
                     help="capture the probe packets entering the destination chassis "
                          "(tcpdump) and show where each class' first packet after the resume "
                          "waited, and how many the destination dropped after the RARP")
+    ap.add_argument("--ovs-rt-priority", type=int, default=0, metavar="N",
+                    help="every chassis' ovs-vswitchd at SCHED_FIFO N (0, the default: normal "
+                         "scheduling, as ovs-ctl starts it). The probe's clients pace at "
+                         f"SCHED_FIFO {PROBE_RT_PRIORITY}: above that, the instrument no "
+                         "longer takes the CPU that OVS needs at a live activation")
     ap.add_argument("--out", type=Path, default=Path("out/bench-migration"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +106,8 @@ def main() -> None:
     unknown = sorted(set(modes) - {"spec", "live", IN_PLACE})
     if not 0 <= a.background_flows <= MAX_BACKGROUND_FLOWS:
         ap.error(f"--background-flows {a.background_flows}: must be in 0..{MAX_BACKGROUND_FLOWS}")
+    if not 0 <= a.ovs_rt_priority <= 99:
+        ap.error(f"--ovs-rt-priority {a.ovs_rt_priority}: must be in 0..99 (SCHED_FIFO)")
     if unknown or not modes:
         ap.error(f"--modes {a.modes!r}: unknown {', '.join(unknown)}; want spec, live, "
                  f"{IN_PLACE}")
@@ -111,12 +119,15 @@ def main() -> None:
     results = asyncio.run(run_demo(a.chassis, a.store, len(plan), a.pause_ms,
                                    a.unplug_delay_ms, a.rate_hz, a.out, plan=plan,
                                    clients_per_class=a.clients, links=a.links,
-                                   background=a.background_flows, capture=a.hops))
+                                   background=a.background_flows, capture=a.hops,
+                                   ovs_rt_priority=a.ovs_rt_priority))
     console = Console(width=150)
     console.print(summary(results, f"store {a.store}"))
     table = Table(title=f"downtime beyond the pause per traffic class, store {a.store}, "
                         f"{a.rate_hz:.0f} Hz probe, {a.links} VIF links, "
-                        f"{a.background_flows} background flows (ms); p50/p99/max "
+                        f"{a.background_flows} background flows, ovs-vswitchd at "
+                        f"{f'SCHED_FIFO {a.ovs_rt_priority}' if a.ovs_rt_priority else 'normal'} "
+                        "priority (ms); p50/p99/max "
                         "within 500 ms of the pause, and only up to Nova's source unplug")
     for col in ("class", "mode", "pause ms", "n", "p50", "p99", "max", "to-unplug p50",
                 "to-unplug p99", "to-unplug max", "converge p50", "converge p99", "lost",

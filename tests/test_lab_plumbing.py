@@ -287,6 +287,23 @@ def test_status_round_trips_through_load(lab2: Lab) -> None:
         fake_controller.wait()
 
 
+def test_ovs_realtime_reaches_every_thread_and_goes_back(lab2: Lab) -> None:
+    def policies() -> set[int]:
+        out = set()
+        for ch in lab2.state.chassis:
+            pid = ch.ovs_pids["ovs-vswitchd"].pid
+            out |= {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+        return out
+
+    assert policies() == {os.SCHED_OTHER}
+    lab2.set_ovs_realtime(20)
+    assert policies() == {os.SCHED_FIFO}
+    pid = lab2.state.chassis[0].ovs_pids["ovs-vswitchd"].pid
+    assert os.sched_getparam(pid).sched_priority == 20
+    lab2.set_ovs_realtime(0)
+    assert policies() == {os.SCHED_OTHER}
+
+
 def _lab_pids(lab: Lab) -> list[int]:
     return [rec.pid for ch in lab.state.chassis for rec in ch.ovs_pids.values()]
 

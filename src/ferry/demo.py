@@ -215,18 +215,22 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                    keep_lab: bool = False,
                    plan: list[tuple[str | None, float]] | None = None,
                    clients_per_class: int = 1, links: str = "steady",
-                   background: int = 0, capture: bool = False) -> list[MigrationResult]:
+                   background: int = 0, capture: bool = False,
+                   ovs_rt_priority: int = 0) -> list[MigrationResult]:
     """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause).
     ``links``: how the VIFs show the pause and resume (:data:`ferry.lab.migrate.LINKS`,
     checked by :func:`ferry.lab.migrate.pre_migration`). ``background``: about that many
     datapath flows on every chassis of the VM's network, all along
     (:mod:`ferry.probe.background`, sent by the first L2 client). ``capture``: see
-    :func:`one_migration`."""
+    :func:`one_migration`. ``ovs_rt_priority``: every ovs-vswitchd at that SCHED_FIFO
+    priority (:meth:`ferry.lab.lab.Lab.set_ovs_realtime`; 0: normal scheduling)."""
     plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
     console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}")
     try:
         await asyncio.to_thread(start_control_plane, lab, store)
+        if ovs_rt_priority:
+            await asyncio.to_thread(lab.set_ovs_realtime, ovs_rt_priority)
         api_url = lab.service("api").url  # type: ignore[union-attr]
         assert api_url is not None
         async with Neutron(api_url) as api, AsyncExitStack() as stack:

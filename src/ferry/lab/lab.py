@@ -336,6 +336,13 @@ class Lab:
     def outside_ip(self) -> str:
         return str(ipaddress.ip_interface(OUTSIDE_CIDR).ip)
 
+    def set_ovs_realtime(self, priority: int) -> None:
+        """Every chassis' ovs-vswitchd at SCHED_FIFO ``priority`` (0: normal scheduling, as
+        ``ovs-ctl`` starts it). The probe's clients pace at SCHED_FIFO: above their priority,
+        the instrument no longer takes the CPU that OVS needs at a live activation."""
+        for ch in self.state.chassis:
+            self.ovs(ch.name).set_realtime(priority)
+
     def ingress_links(self, chassis: str) -> list[str]:
         """The root-namespace ends of the links into ``chassis``: its underlay veth (Geneve
         from the other chassis) and its external network veth."""

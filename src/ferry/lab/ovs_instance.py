@@ -7,6 +7,7 @@ that need a real switch. The kernel datapath is absent here, so bridges must use
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -90,6 +91,15 @@ class OvsInstance:
             f"--log-file={self.rundir / 'ovs-vswitchd.log'}",
         )
         self.pids["ovs-vswitchd"] = self._read_pid("ovs-vswitchd")
+
+    def set_realtime(self, priority: int) -> None:
+        """Every thread of ovs-vswitchd at SCHED_FIFO ``priority`` (0: back to normal
+        scheduling). Threads it starts later inherit it from the thread that starts them."""
+        pid = self.pids["ovs-vswitchd"]
+        policy = os.SCHED_FIFO if priority else os.SCHED_OTHER
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.sched_setscheduler(int(tid), policy, os.sched_param(priority))
 
     def _read_pid(self, daemon: str) -> int:
         return int((self.rundir / f"{daemon}.pid").read_text().strip())

@@ -47,6 +47,9 @@ def now_ns() -> int:
     return time.monotonic_ns()
 
 
+PROBE_RT_PRIORITY = 10
+"""The clients' SCHED_FIFO priority: their 1 kHz pacing spins for the last 150 µs of a slot."""
+
 class ProbeError(RuntimeError):
     """The probe could not start, an agent failed, or a wait timed out."""
 
@@ -90,8 +93,8 @@ class Probe:
 
     def __init__(self, lab: Lab, target: str, clients: Sequence[str], *, out_dir: Path | str,
                  rate_hz: float = 1000.0, port: int = DEFAULT_PORT, size: int = 64,
-                 max_duration_s: float = 60.0, spin_us: float = 150.0, rt_prio: int = 10,
-                 python: str = sys.executable,
+                 max_duration_s: float = 60.0, spin_us: float = 150.0,
+                 rt_prio: int = PROBE_RT_PRIORITY, python: str = sys.executable,
                  targets: dict[str, str] | None = None) -> None:
         if not clients:
             raise ProbeError("a probe needs at least one client VM")
