@@ -21,7 +21,10 @@ the VM's floating IP over the external network), per mode and per pause:
   the time that chassis held it) and how many packets the destination dropped after the RARP.
 
     .venv/bin/python bench/migration.py --migrations 10 [--store etcd] [--pause-ms 50]
-        [--background-flows 1000] [--hops]
+        [--background-flows 1000] [--hops] [--ovs-rt-priority 20]
+
+Every ovs-vswitchd runs at SCHED_FIFO ``--ovs-rt-priority`` (default: above the probe's
+clients, see ferry.demo.OVS_RT_PRIORITY; 0: normal scheduling).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ferry.demo import TRAFFIC_CLASSES, MigrationResult, run_demo, summary
+from ferry.demo import OVS_RT_PRIORITY, TRAFFIC_CLASSES, MigrationResult, run_demo, summary
 from ferry.lab.migrate import IN_PLACE, LINKS
 from ferry.probe.background import MAX_BACKGROUND_FLOWS
 from ferry.probe.runner import PROBE_RT_PRIORITY
@@ -94,11 +97,12 @@ def main() -> None:
                     help="capture the probe packets entering the destination chassis "
                          "(tcpdump) and show where each class' first packet after the resume "
                          "waited, and how many the destination dropped after the RARP")
-    ap.add_argument("--ovs-rt-priority", type=int, default=0, metavar="N",
-                    help="every chassis' ovs-vswitchd at SCHED_FIFO N (0, the default: normal "
-                         "scheduling, as ovs-ctl starts it). The probe's clients pace at "
-                         f"SCHED_FIFO {PROBE_RT_PRIORITY}: above that, the instrument no "
-                         "longer takes the CPU that OVS needs at a live activation")
+    ap.add_argument("--ovs-rt-priority", type=int, default=OVS_RT_PRIORITY, metavar="N",
+                    help="every chassis' ovs-vswitchd at SCHED_FIFO N (default "
+                         f"{OVS_RT_PRIORITY}: above the probe's clients, which pace at "
+                         f"SCHED_FIFO {PROBE_RT_PRIORITY} and stand for VMs, which do not "
+                         "outrank OVS; 0: normal scheduling, where the clients take the CPU "
+                         "OVS needs at a live activation)")
     ap.add_argument("--out", type=Path, default=Path("out/bench-migration"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)

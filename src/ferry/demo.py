@@ -31,7 +31,7 @@ from ferry.lab.nova import boot
 from ferry.lab.services import start_control_plane
 from ferry.probe.background import MAX_BACKGROUND_FLOWS, background_flows, datapath_flows
 from ferry.probe.capture import Capture, Hops, hops
-from ferry.probe.runner import OUTSIDE, Probe, now_ns
+from ferry.probe.runner import OUTSIDE, PROBE_RT_PRIORITY, Probe, now_ns
 
 console = Console(width=120)  # the summary table is wider than a pipe's default 80
 
@@ -63,6 +63,12 @@ class MigrationResult:
     hops: list[Hops] = field(default_factory=list)
     """With a capture: per client, where its first packet after the resume waited."""
 
+
+OVS_RT_PRIORITY = PROBE_RT_PRIORITY + 10
+"""Where the demo and the bench put every ovs-vswitchd (SCHED_FIFO): above the probe's clients.
+They stand for the VMs' traffic but pace at real-time priority; on a hypervisor VMs do not
+outrank OVS (ovs-ctl starts it at nice -10), and on the lab's two cores they otherwise took
+the CPU OVS needs at a live activation (bench/migration.py --ovs-rt-priority 0 shows it)."""
 
 AROUND_MS = 500.0
 """Each migration's downtime is the longest gap within this much of its pause."""
@@ -226,7 +232,9 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
     priority (:meth:`ferry.lab.lab.Lab.set_ovs_realtime`; 0: normal scheduling)."""
     plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
-    console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}")
+    console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}, ovs-vswitchd "
+                  + (f"at SCHED_FIFO {ovs_rt_priority}" if ovs_rt_priority
+                     else "at normal priority"), highlight=False)
     try:
         await asyncio.to_thread(start_control_plane, lab, store)
         if ovs_rt_priority:
@@ -326,6 +334,11 @@ def demo_command(
         min=0, max=MAX_BACKGROUND_FLOWS,
         help="About this many more datapath flows on every chassis, all along, as on a busy "
              "hypervisor (frames to unknown MACs from a client VM, N/3 per second).")] = 0,
+    ovs_rt_priority: Annotated[int, typer.Option(
+        min=0, max=99,
+        help="Every ovs-vswitchd at this SCHED_FIFO priority, above the probe clients' "
+             f"{PROBE_RT_PRIORITY} (they stand for VMs, which do not outrank OVS); 0: normal "
+             "scheduling.")] = OVS_RT_PRIORITY,
 ) -> None:
     """Migrate a VM back and forth on a lab of real OVS chassis and report the downtime."""
     if store not in ("memory", "etcd"):
@@ -338,7 +351,8 @@ def demo_command(
     everything = asyncio.run(run_demo(chassis, store, len(plan), pause_ms, unplug_delay_ms,
                                       rate_hz, out, keep_lab, plan=plan,
                                       clients_per_class=clients, links=links,
-                                      background=background_flows))
+                                      background=background_flows,
+                                      ovs_rt_priority=ovs_rt_priority))
     console.print(summary(everything, f"store {store}"))
     floor, results = everything[0], everything[1:]
     beyond = stats([r.beyond_pause_ms for r in results])
@@ -346,6 +360,7 @@ def demo_command(
     conv = stats([r.converged_ms for r in results])
     figures: dict[str, Any] = {"store": store, "pause_ms": pause_ms, "links": links,
                                "background_flows": background_flows,
+                               "ovs_rt_priority": ovs_rt_priority,
                                "downtime_beyond_pause_ms": beyond,
                                "downtime_beyond_pause_before_unplug_ms": switch,
                                "convergence_ms": conv,
