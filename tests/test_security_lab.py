@@ -77,9 +77,11 @@ def probe(proto, host, port, timeout):
 
 def stream(host, port, interval, pad="0"):
     """Send a numbered line (padded to ``pad`` bytes) every interval until stdin closes;
-    report what came back."""
+    then wait (up to 5 s) for the echoes of the lines still in flight, and report what came
+    back: a connection that stalled and caught up loses nothing, one that died does."""
     s = socket.create_connection((host, int(port)), timeout=5); s.settimeout(None)
     sent, got, stamps, stop = [0], [], [], threading.Event()
+    writing = threading.Event(); writing.set()
     def reader():
         buf = b""
         while not stop.is_set():
@@ -92,7 +94,7 @@ def stream(host, port, interval, pad="0"):
                 got.append(int(line)); stamps.append(time.monotonic())
                 print(f"echo {line.decode()}", flush=True)
     def writer():
-        while not stop.is_set():
+        while writing.is_set():
             s.sendall(f"{sent[0]}".encode().ljust(int(pad)) + b"\n"); sent[0] += 1
             time.sleep(float(interval))
     threads = [threading.Thread(target=f, daemon=True) for f in (reader, writer)]
@@ -100,6 +102,11 @@ def stream(host, port, interval, pad="0"):
         t.start()
     print("connected", flush=True)
     sys.stdin.read()
+    writing.clear()
+    threads[1].join(5)
+    deadline = time.monotonic() + 5
+    while len(got) < sent[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
     stop.set()
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     print(json.dumps({"sent": sent[0], "echoed": len(got), "in_order": got == sorted(got),
