@@ -14,6 +14,8 @@ the VM's floating IP over the external network), per mode and per pause:
   activation in live mode, held 30 ms by its agent before it is published; step 2 in spec
   mode → flows acked on every chassis) p50/p99;
 - packets lost, duplicated and reordered;
+- "send late max": the most a probe client sent behind its schedule within its downtime gap
+  (a client starved of CPU sends late: that share of the gap is the instrument's);
 - the destination's datapath flows just before (p50): ``--background-flows N`` gives every
   chassis about N more (:mod:`ferry.probe.background`), as on a busy hypervisor;
 - with ``--hops`` (:mod:`ferry.probe.capture`, tcpdump on the destination's links): where each
@@ -53,7 +55,8 @@ def figures(results: list[MigrationResult], cls: str) -> dict[str, float]:
     rows = [r.by_class[cls] for r in results if cls in r.by_class]
     conv = [r.converged_ms for r in results if r.converged_ms is not None]
     out: dict[str, float] = {"n": len(rows)}
-    for key, name in (("beyond_pause_ms", "beyond"), ("switch_beyond_ms", "switch")):
+    for key, name in (("beyond_pause_ms", "beyond"), ("switch_beyond_ms", "switch"),
+                      ("send_late_ms", "late")):
         vs = [row[key] for row in rows if not math.isnan(row[key])]
         if vs:
             out.update({f"{name}_p50": pct(vs, 0.5), f"{name}_p99": pct(vs, 0.99),
@@ -135,7 +138,7 @@ def main() -> None:
                         "within 500 ms of the pause, and only up to Nova's source unplug")
     for col in ("class", "mode", "pause ms", "n", "p50", "p99", "max", "to-unplug p50",
                 "to-unplug p99", "to-unplug max", "converge p50", "converge p99", "lost",
-                "dup", "reord", "dest flows"):
+                "dup", "reord", "dest flows", "send late max"):
         table.add_column(col, justify="right")
     report = {}
     for cls in TRAFFIC_CLASSES.values():
@@ -159,7 +162,8 @@ def add_row(table: Table, cls: str, mode: str, pause: float, f: dict[str, float]
                       "beyond_p50", "beyond_p99", "beyond_max", "switch_p50", "switch_p99",
                       "switch_max", "converge_p50", "converge_p99")),
                   *(str(int(f[k])) for k in ("lost", "duplicated", "reordered")),
-                  f"{f.get('dest_flows_p50', float('nan')):.0f}")
+                  f"{f.get('dest_flows_p50', float('nan')):.0f}",
+                  f"{f.get('late_max', float('nan')):.1f}")
 
 
 def hops_table(report: dict[str, dict[str, float]], pauses: list[float],

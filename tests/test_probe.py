@@ -113,6 +113,23 @@ def test_loss_and_downtime_around_a_pause() -> None:
     assert r.pause_ms == pytest.approx(100.0) and r.downtime_ms == pytest.approx(101.0)
 
 
+def test_a_client_sending_late_in_its_gap_is_reported() -> None:
+    """A starved client: after a 50 ms pause its next three sends left 3 ms behind schedule.
+    The gap is longer, and the report says how much of it the client itself sent late."""
+    cd = synthetic(1000, drop=range(300, 350))
+    late = {350: 3 * MS, 351: 2 * MS, 352: MS}
+    cd.sent = [(seq, t + late.get(seq, 0), late.get(seq, 0)) for seq, t, _ in cd.sent]
+    cd.delivered = [(seq, t + late.get(seq, 0), rx + late.get(seq, 0))
+                    for seq, t, rx in cd.delivered]
+    r = build_report(data_of(cd, synthetic(1000, name="b", probe_id=2)),
+                     pause=(t_of(300), t_of(350)))
+    c = r.clients[0]
+    assert c.downtime_beyond_pause_ms == pytest.approx(4.0)  # 1 ms spacing + 3 ms late
+    assert c.send_late_in_gap_ms == pytest.approx(3.0)
+    assert r.clients[1].send_late_in_gap_ms == 0.0
+    assert r.total.send_late_in_gap_ms == pytest.approx(3.0)  # the worst client's
+
+
 def test_downtime_looks_only_around_the_pause() -> None:
     cd = synthetic(3000, drop=set(range(100, 300)) | set(range(2000, 2050)))
     r = build_report(data_of(cd), pause=(t_of(2000), t_of(2050)), around_ms=500)

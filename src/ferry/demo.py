@@ -52,8 +52,9 @@ class MigrationResult:
     mode: str = "?"
     by_class: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per traffic class (L2, L3, FIP), worst client: beyond_pause_ms (±500 ms around the
-    pause), switch_beyond_ms (the same, but only up to Nova's source unplug); lost,
-    duplicated, reordered."""
+    pause), switch_beyond_ms (the same, but only up to Nova's source unplug), send_late_ms
+    (how late a client sent within its gap: the instrument's share); lost, duplicated,
+    reordered."""
     switch_beyond_ms: float | None = None
     """Downtime beyond the pause up to Nova's source unplug: the switch itself, without the
     forwarding stall that deleting a port causes in OVS's userspace datapath (ARCHITECTURE)."""
@@ -186,8 +187,10 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                   if c.downtime_beyond_pause_ms is not None]
         at_switch = [c.downtime_beyond_pause_ms for c in switch.clients
                      if c.name.startswith(prefix) and c.downtime_beyond_pause_ms is not None]
+        late = [c.send_late_in_gap_ms for c in members if c.send_late_in_gap_ms is not None]
         if members:
             by_class[cls] = {"beyond_pause_ms": max(beyond) if beyond else float("nan"),
+                             "send_late_ms": max(late) if late else float("nan"),
                              "switch_beyond_ms": max(at_switch) if at_switch else float("nan"),
                              "lost": sum(c.lost for c in members),
                              "duplicated": sum(c.duplicated for c in members),

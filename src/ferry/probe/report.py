@@ -73,6 +73,10 @@ class ClientReport:
     downtime: Gap | None = None
     downtime_ms: float | None = None
     downtime_beyond_pause_ms: float | None = None
+    # The longest delay of the client's own sending (behind its 1 kHz schedule) among packets
+    # it sent within the downtime gap: part of the gap is then the instrument's, not the
+    # network's (a starved client sends late).
+    send_late_in_gap_ms: float | None = None
 
 
 @dataclass
@@ -227,6 +231,9 @@ def client_report(cd: ClientData, pause: tuple[int, int] | None,
     r.downtime = find_downtime(cd, firsts, window)
     if r.downtime is not None:
         r.downtime_ms = r.downtime.ms
+        gap = r.downtime
+        r.send_late_in_gap_ms = max((late / NS_PER_MS for _, t, late in cd.sent
+                                     if gap.start_ns <= t <= gap.end_ns), default=0.0)
         if pause is not None:
             r.downtime_beyond_pause_ms = r.downtime.ms - (pause[1] - pause[0]) / NS_PER_MS
     return r
@@ -252,6 +259,7 @@ def _total(clients: Sequence[ClientReport]) -> ClientReport:
         worst = clients[max(gaps)[2]]
         t.downtime, t.downtime_ms = worst.downtime, worst.downtime_ms
         t.downtime_beyond_pause_ms = worst.downtime_beyond_pause_ms
+        t.send_late_in_gap_ms = worst.send_late_in_gap_ms
     return t
 
 
