@@ -19,7 +19,7 @@ import pytest
 
 from ferry.lab.lab import Lab, destroy_leftovers, leftovers
 from ferry.lab.netns import netns_exists, pid_alive, wait_for
-from ferry.lab.ovs_instance import OvsInstance
+from ferry.lab.ovs_instance import OvsError, OvsInstance
 
 pytestmark = [
     pytest.mark.lab,
@@ -301,6 +301,9 @@ def test_ovs_realtime_reaches_every_thread_and_goes_back(lab2: Lab) -> None:
     pid = lab2.state.chassis[0].ovs_pids["ovs-vswitchd"].pid
     assert os.sched_getparam(pid).sched_priority == 20
     lab2.set_ovs_realtime(0)
+    assert policies() == {os.SCHED_OTHER}
+    with pytest.raises(OvsError, match="SCHED_FIFO 100 for ovs-vswitchd"):
+        lab2.set_ovs_realtime(100)  # SCHED_FIFO priorities end at 99
     assert policies() == {os.SCHED_OTHER}
 
 

@@ -23,11 +23,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ferry.lab.lab import EXTERNAL_PHYSNET, Lab, destroy_leftovers
+from ferry.lab.lab import EXTERNAL_PHYSNET, Lab, LabError, destroy_leftovers
 from ferry.lab.migrate import IN_PLACE, LINKS, MigrationRun, migrate, pause_in_place
 from ferry.lab.netns import wait_for
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
+from ferry.lab.ovs_instance import OvsError
 from ferry.lab.services import start_control_plane
 from ferry.probe.background import MAX_BACKGROUND_FLOWS, background_flows, datapath_flows
 from ferry.probe.capture import Capture, Hops, hops
@@ -241,7 +242,11 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
     try:
         await asyncio.to_thread(start_control_plane, lab, store)
         if ovs_rt_priority:
-            await asyncio.to_thread(lab.set_ovs_realtime, ovs_rt_priority)
+            try:
+                await asyncio.to_thread(lab.set_ovs_realtime, ovs_rt_priority)
+            except OvsError as e:
+                raise LabError(f"{e}; --ovs-rt-priority 0 leaves OVS at normal priority"
+                               ) from None
         api_url = lab.service("api").url  # type: ignore[union-attr]
         assert api_url is not None
         async with Neutron(api_url) as api, AsyncExitStack() as stack:

@@ -7,7 +7,6 @@ that need a real switch. The kernel datapath is absent here, so bridges must use
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -98,8 +97,13 @@ class OvsInstance:
         pid = self.pids["ovs-vswitchd"]
         policy = os.SCHED_FIFO if priority else os.SCHED_OTHER
         for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            try:
                 os.sched_setscheduler(int(tid), policy, os.sched_param(priority))
+            except ProcessLookupError:  # a thread that just ended
+                continue
+            except (PermissionError, OSError) as e:
+                raise OvsError(f"SCHED_FIFO {priority} for ovs-vswitchd {pid} (thread {tid}): "
+                               f"{e} (needs root or CAP_SYS_NICE; 0..99)") from None
 
     def _read_pid(self, daemon: str) -> int:
         return int((self.rundir / f"{daemon}.pid").read_text().strip())
