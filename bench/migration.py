@@ -55,9 +55,10 @@ def figures(results: list[MigrationResult], cls: str) -> dict[str, float]:
     rows = [r.by_class[cls] for r in results if cls in r.by_class]
     conv = [r.converged_ms for r in results if r.converged_ms is not None]
     out: dict[str, float] = {"n": len(rows)}
+    # Per-class values a run may lack (no capture, no gap) are NaN or absent: left out.
     for key, name in (("beyond_pause_ms", "beyond"), ("switch_beyond_ms", "switch"),
-                      ("send_late_ms", "late")):
-        vs = [row[key] for row in rows if not math.isnan(row[key])]
+                      ("send_late_ms", "late"), ("travel_ms", "travel"), ("held_ms", "held")):
+        vs = [v for row in rows if not math.isnan(v := row.get(key, math.nan))]
         if vs:
             out.update({f"{name}_p50": pct(vs, 0.5), f"{name}_p99": pct(vs, 0.99),
                         f"{name}_max": max(vs)})
@@ -68,12 +69,6 @@ def figures(results: list[MigrationResult], cls: str) -> dict[str, float]:
         out["dest_flows_p50"] = pct([float(f) for f in flows], 0.5)
     for k in ("lost", "duplicated", "reordered"):
         out[k] = sum(row[k] for row in rows)
-    for key in ("travel", "held"):
-        vs = [row[f"{key}_ms"] for row in rows
-              if not math.isnan(row.get(f"{key}_ms", math.nan))]
-        if vs:
-            out.update({f"{key}_p50": pct(vs, 0.5), f"{key}_p99": pct(vs, 0.99),
-                        f"{key}_max": max(vs)})
     if any("dest_dropped" in row for row in rows):
         out["dest_dropped"] = sum(row.get("dest_dropped", 0) for row in rows)
     return out

@@ -190,9 +190,9 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                      if c.name.startswith(prefix) and c.downtime_beyond_pause_ms is not None]
         late = [c.send_late_in_gap_ms for c in members if c.send_late_in_gap_ms is not None]
         if members:
-            by_class[cls] = {"beyond_pause_ms": max(beyond) if beyond else float("nan"),
-                             "send_late_ms": max(late) if late else float("nan"),
-                             "switch_beyond_ms": max(at_switch) if at_switch else float("nan"),
+            by_class[cls] = {"beyond_pause_ms": _worst(beyond),
+                             "send_late_ms": _worst(late),
+                             "switch_beyond_ms": _worst(at_switch),
                              "lost": sum(c.lost for c in members),
                              "duplicated": sum(c.duplicated for c in members),
                              "reordered": sum(c.reordered for c in members)}
@@ -200,14 +200,18 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
             held = [h.held_ms for h in mine if h.held_ms is not None]
             travel = [h.to_chassis_ms for h in mine if h.to_chassis_ms is not None]
             if mine:
-                by_class[cls].update(held_ms=max(held) if held else float("nan"),
-                                     travel_ms=max(travel) if travel else float("nan"),
+                by_class[cls].update(held_ms=_worst(held), travel_ms=_worst(travel),
                                      dest_dropped=sum(h.dropped for h in mine))
     return MigrationResult(number, run.source, run.dest, (pause[1] - pause[0]) / 1e6,
                            report.downtime_ms, report.downtime_beyond_pause_ms, total.lost,
                            total.duplicated, total.reordered, convergence_ms(run), str(plot),
                            run.mode, by_class, switch.downtime_beyond_pause_ms, dest_flows,
                            found)
+
+
+def _worst(values: list[float]) -> float:
+    """The largest of a class' per-client values; NaN when no client has one."""
+    return max(values, default=float("nan"))
 
 
 def hops_of(probe: Probe, cap: Capture, run: MigrationRun) -> list[Hops]:

@@ -347,7 +347,11 @@ class Lab:
         """The root-namespace ends of the links into ``chassis``: its underlay veth (Geneve
         from the other chassis) and its external network veth."""
         ch = self.chassis(chassis)
-        return [ch.underlay_link, f"{self.prefix}-e{ch.index}"]
+        return [ch.underlay_link, self._external_link(ch)]
+
+    def _external_link(self, ch: ChassisState) -> str:
+        """The root-namespace end of the chassis' veth on the external network's wire."""
+        return f"{self.prefix}-e{ch.index}"
 
     def _build_external(self) -> None:
         """The external network's wire (``P-ex``), br-ex on every chassis, the outside host.
@@ -355,14 +359,14 @@ class Lab:
         st = self.state
         ex = self.external_bridge
         outer = f"{self.prefix}-o"
-        links = [f"{self.prefix}-e{ch.index}" for ch in st.chassis] + [outer, ex]
+        links = [self._external_link(ch) for ch in st.chassis] + [outer, ex]
         st.extra_links += [link for link in links if link not in st.extra_links]
         write_state(st)
         nx.ip(None, "link", "add", ex, "type", "bridge", "stp_state", "0")
         nx.sysctl(None, f"net.ipv6.conf.{ex}.disable_ipv6", "1")
         nx.link_set(None, ex, "up")
         for ch in st.chassis:
-            root, inner = f"{self.prefix}-e{ch.index}", f"{self.prefix}-x{ch.index}"
+            root, inner = self._external_link(ch), f"{self.prefix}-x{ch.index}"
             nx.veth_add(root, None, inner, ch.netns)
             nx.sysctl(None, f"net.ipv6.conf.{root}.disable_ipv6", "1")
             nx.link_set(None, root, "master", ex)

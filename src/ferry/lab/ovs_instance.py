@@ -101,7 +101,7 @@ class OvsInstance:
                 os.sched_setscheduler(int(tid), policy, os.sched_param(priority))
             except ProcessLookupError:  # a thread that just ended
                 continue
-            except (PermissionError, OSError) as e:
+            except OSError as e:  # EPERM without CAP_SYS_NICE, EINVAL out of 1..99
                 raise OvsError(f"SCHED_FIFO {priority} for ovs-vswitchd {pid} (thread {tid}): "
                                f"{e} (needs root or CAP_SYS_NICE; 0..99)") from None
 

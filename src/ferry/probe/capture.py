@@ -178,11 +178,8 @@ def _await_listening(proc: subprocess.Popen[bytes], link: str) -> None:
             raise CaptureError(f"tcpdump on {link} did not start: "
                                f"{seen.decode(errors='replace').strip() or 'no output'}")
         ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk and proc.poll() is not None:
-                continue
-            seen += chunk
+        if ready:  # at EOF (tcpdump exited) the check above ends the loop
+            seen += os.read(fd, 4096)
 
 
 @dataclass(frozen=True)
@@ -202,10 +199,10 @@ def hops(client: str, probe_id: int, sent: Sequence[tuple[int, int, int]],
     (seq, t_send, t_rx)); ``seen``: :func:`arrivals` at the chassis the VM resumed on. Packets
     counted as dropped entered that chassis within ``window_ns`` after the RARP."""
     got = {seq for seq, _, _ in delivered}
-    after = sorted((rx, seq, ts) for seq, ts, rx in delivered if rx >= resumed_ns)
+    first = min(((rx, seq, ts) for seq, ts, rx in delivered if rx >= resumed_ns), default=None)
     to_chassis = held = None
-    if after:
-        rx, seq, ts = after[0]
+    if first is not None:
+        rx, seq, ts = first
         entered = seen.get((probe_id, seq))
         if entered is not None:
             to_chassis, held = (entered - ts) / 1e6, (rx - entered) / 1e6

@@ -50,6 +50,7 @@ def now_ns() -> int:
 PROBE_RT_PRIORITY = 10
 """The clients' SCHED_FIFO priority: their 1 kHz pacing spins for the last 150 µs of a slot."""
 
+
 class ProbeError(RuntimeError):
     """The probe could not start, an agent failed, or a wait timed out."""
 
