@@ -14,6 +14,7 @@ import pytest_asyncio
 
 from ferry.lab.lab import Lab
 from ferry.lab.migrate import (
+    HYPERVISOR_RT_PRIORITY,
     IN_PLACE,
     migrate,
     pause_in_place,
@@ -176,6 +177,9 @@ async def test_a_pause_in_place_stops_delivery_for_the_pause_only(
         run = await pause_in_place(rig.lab, "vm", 50)
         await probe.await_delivered(100, since_ns=now_ns())
     assert run.mode == IN_PLACE and run.source == run.dest == where
+    # QEMU's order (the RARP, then the vCPUs), by a hypervisor that OVS cannot preempt
+    assert run.events["announced"] <= run.events["resumed"], run.events
+    assert run.hypervisor_sched == f"fifo:{HYPERVISOR_RT_PRIORITY}", run.hypervisor_sched
     assert rig.lab.vm("vm").active_vif.chassis == where  # type: ignore[union-attr]
     report = probe.report(pause=run.pause_window_ns)
     for c in report.clients:

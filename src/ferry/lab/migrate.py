@@ -3,8 +3,8 @@
 1. Nova (pre-live-migration): creates the destination port binding (inactive) and sets
    ``binding:profile.migrating_to``; the destination's VIF is plugged with the VM not yet
    running there (its link down). The destination controller claims the port (step 1).
-2. libvirt: the VM stops on the source (its link goes down: the stop-and-copy pause), and
-   resumes on the destination ``pause_ms`` later (link up, then a RARP, as QEMU sends).
+2. libvirt: the VM stops on the source (the stop-and-copy pause), and resumes on the
+   destination ``pause_ms`` later, QEMU's RARP leaving just before the vCPUs start.
 3. Nova (post-live-migration), ``unplug_delay_ms`` later: unplugs the source VIF (step 2 of
    the spec: note that the VM already runs on the destination by then), activates the
    destination binding (step 3), deletes the source binding and clears ``migrating_to``.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -26,12 +27,21 @@ from ferry.lab.lab import Lab, LabError
 from ferry.lab.neutron import Neutron, NeutronError
 from ferry.model.objects import LIVE_FALLBACK_KEY, MIGRATION_MODE_KEY
 
+log = logging.getLogger(__name__)
+
 LINKS = ("steady", "flap")
 """How the lab's hypervisor pauses and resumes a VM. ``steady``, as QEMU with taps: the
 destination's link is up from the plug, the pause freezes the VM on the source without touching
-its link, the resume sends the RARP; the source link goes with Nova's unplug. ``flap``: the
-source link goes down at the pause and the destination's comes up at the resume, so each
-chassis' OVS reconfigures its port inside the measured downtime."""
+its link, the RARP leaves just before the resume (QEMU's order); the source link goes with
+Nova's unplug. ``flap``: the source link goes down at the pause and the destination's comes up
+at the resume (then the RARP), so each chassis' OVS reconfigures its port inside the measured
+downtime."""
+
+HYPERVISOR_RT_PRIORITY = 50
+"""SCHED_FIFO priority of the lab's hypervisor process (the pause and the resume): above every
+other real-time thread of the lab (probe clients, OVS), so that the pause lasts what it is
+told. On two cores the RARP's processing otherwise preempted it for up to 1.8 ms, which
+lengthened the measured pause by as much and hid that much of the network's own time in it."""
 
 
 @dataclass
@@ -45,6 +55,7 @@ class MigrationRun:
     wall: dict[str, float] = field(default_factory=dict)  # name → wall-clock seconds
     profile: dict[str, Any] = field(default_factory=dict)  # binding:profile before the move
     links: str = "steady"  # how the hypervisor's pause and resume show on the VIFs: LINKS
+    hypervisor_sched: str = ""  # the scheduling the hypervisor process got, as it reported
     mode: str = "?"  # the migration mode the destination decided at its claim
     record: dict[str, Any] | None = None  # the Migration record at the end, if readable
 
@@ -151,6 +162,10 @@ async def stop_and_resume_times(lab: Lab, run: MigrationRun, rarps: int) -> None
     """Run the hypervisor's move and record its times in ``run`` (pause, resume, RARP)."""
     times = await asyncio.to_thread(hypervisor_move, lab, run.vm, run.source, run.dest,
                                     run.pause_ms, rarps, freeze=run.links == "steady")
+    run.hypervisor_sched = str(times.get("sched", ""))
+    if not run.hypervisor_sched.startswith("fifo"):
+        log.warning("the hypervisor ran without real-time priority (%s): OVS can stretch "
+                    "the pause it measures", run.hypervisor_sched)
     for name, key in (("paused", "down_ns"), ("resumed", "up_ns"), ("announced", "rarp_ns")):
         run.events[name] = times[key]
         run.wall[name] = time.time() - (time.monotonic_ns() - times[key]) / 1e9
@@ -174,10 +189,12 @@ async def post_migration(api: Neutron, run: MigrationRun) -> None:
 
 
 def hypervisor_move(lab: Lab, vm: str, source: str, dest: str, pause_ms: float,
-                    rarps: int = 1, freeze: bool = True) -> dict[str, int]:
+                    rarps: int = 1, freeze: bool = True,
+                    rt_prio: int = HYPERVISOR_RT_PRIORITY) -> dict[str, Any]:
     """Stop the VM on ``source`` and resume it on ``dest`` after ``pause_ms``, with RARPs
     (``source`` == ``dest``: a pause in place, on the same VIF). ``freeze``: the VM stops
-    using its source VIF but the link stays up (else it goes down)."""
+    using its source VIF but the link stays up (else it goes down). ``rt_prio``: the
+    process' SCHED_FIFO priority (0: normal scheduling)."""
     v = lab.vm(vm)
     down, up = v.vif(lab.chassis(source).name), v.vif(lab.chassis(dest).name)
     if down is None or up is None:
@@ -186,13 +203,13 @@ def hypervisor_move(lab: Lab, vm: str, source: str, dest: str, pause_ms: float,
         raise LabError(f"pausing {vm} in place needs freeze (its link stays up)")
     r = lab.exec_in_vm(vm, [sys.executable, "-m", "ferry.probe.agent", "move", "--down",
                             down.guest_if, "--up", up.guest_if, "--pause-ms", str(pause_ms),
-                            "--mac", v.mac, "--rarp", str(rarps),
+                            "--mac", v.mac, "--rarp", str(rarps), "--rt-prio", str(rt_prio),
                             *(["--stop", "freeze", "--address", v.ip_cidr] if freeze
                               else ["--stop", "down"]),
                             *(["--gateway", v.gateway] if freeze and v.gateway else [])])
     if r.returncode != 0:
         raise LabError(f"moving {vm} from {source} to {dest} failed: {r.stderr.strip()}")
-    times: dict[str, int] = json.loads(r.stdout)
+    times: dict[str, Any] = json.loads(r.stdout)
     return times
 
 

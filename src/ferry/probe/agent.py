@@ -325,13 +325,20 @@ def rarp_frame(mac: str) -> bytes:
     return frame + bytes(max(0, 60 - len(frame)))
 
 
+def _send_rarps(raw: socket.socket, frame: bytes, count: int) -> int:
+    for _ in range(count):
+        raw.send(frame)
+    return count
+
+
 def run_move(args: argparse.Namespace) -> int:
     """A hypervisor's stop and resume of a migrating VM, timed to the microsecond: stop using
     ``--down`` (the source VIF), wait ``--pause-ms``, resume on ``--up`` (the destination
-    VIF) and send RARPs from it at once, as QEMU does on resume. ``--stop freeze`` (steady
-    links, see :mod:`ferry.probe.freeze`): the source is frozen and the destination, on
-    standby, gets ``--address`` and ``--gateway`` at the resume. ``--stop down``: the source
-    link goes down and the destination's comes up. Prints the times as JSON."""
+    VIF), announcing the VM with RARPs from it. ``--stop freeze`` (steady links, see
+    :mod:`ferry.probe.freeze`): the source is frozen; the RARPs leave the destination's
+    VIF just before the VM resumes there, as QEMU orders them, and the resume gives it
+    ``--address`` and ``--gateway``. ``--stop down``: the source link goes down, the
+    destination's comes up, then the RARPs. Prints the times as JSON."""
     import json
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -342,6 +349,7 @@ def run_move(args: argparse.Namespace) -> int:
     resumer = Resumer(args.up, args.address, args.gateway) if steady else None
     if steady:
         prepare_freeze(args.down)
+    sched = _realtime(args.rt_prio)
     # Let this interpreter's start-up burst of CPU pass first: on a small machine it would
     # otherwise delay the packets of the very moment being measured.
     time.sleep(args.settle_ms / 1000)
@@ -352,19 +360,21 @@ def run_move(args: argparse.Namespace) -> int:
         _set_up(sock, args.down, False)
     t_down = time.monotonic_ns()
     _sleep_until(t0 + int(args.pause_ms * 1e6))
-    t_up0 = time.monotonic_ns()
     if resumer is not None:
+        # QEMU announces before it starts the vCPUs (process_incoming_migration_bh calls
+        # qemu_announce_self, then vm_start): the RARP leaves before the guest runs.
+        sent = _send_rarps(raw, frame, args.rarp)
+        t_rarp = t_up0 = time.monotonic_ns()
         resumer.resume()
-    else:
+        t_up = time.monotonic_ns()
+    else:  # a link that was down can carry the RARP only once it is up
+        t_up0 = time.monotonic_ns()
         _set_up(sock, args.up, True)
-    t_up = time.monotonic_ns()
-    sent = 0
-    for _ in range(args.rarp):
-        raw.send(frame)
-        sent += 1
-    t_rarp = time.monotonic_ns()
+        t_up = time.monotonic_ns()
+        sent = _send_rarps(raw, frame, args.rarp)
+        t_rarp = time.monotonic_ns()
     print(json.dumps({"start_ns": t0, "down_ns": t_down, "up_start_ns": t_up0, "up_ns": t_up,
-                      "rarp_ns": t_rarp, "rarps": sent}))
+                      "rarp_ns": t_rarp, "rarps": sent, "sched": sched}))
     return 0
 
 
@@ -401,6 +411,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mv.add_argument("--stop", choices=("freeze", "down"), default="freeze",
                     help="freeze: links stay up (the source frozen, the destination on "
                          "standby gets --address at the resume); down: links go down and up")
+    mv.add_argument("--rt-prio", type=int, default=0,
+                    help="SCHED_FIFO priority of this hypervisor (0: normal scheduling)")
     mv.add_argument("--address", help="the VM's address/prefix (with --stop freeze)")
     mv.add_argument("--gateway", help="the VM's default gateway (with --stop freeze)")
     args = p.parse_args(argv)

@@ -15,7 +15,7 @@ to drop frames with):
   arrives fails the reverse-path check, ARP requests included. Until the resume the VM has no
   route at all, as a paused guest sends nothing;
 - :func:`resume` (destination): the address and the default route, in one netlink message
-  batch; the caller then sends the RARP.
+  batch, right after the caller sent the RARP (QEMU announces, then starts the vCPUs).
 """
 
 from __future__ import annotations
