@@ -19,8 +19,9 @@ the VM's floating IP over the external network), per mode and per pause:
 - the destination's datapath flows just before (p50): ``--background-flows N`` gives every
   chassis about N more (:mod:`ferry.probe.background`), as on a busy hypervisor;
 - with ``--hops`` (:mod:`ferry.probe.capture`, tcpdump on the destination's links): where each
-  class' first packet after the resume waited (its travel to the destination chassis, then
-  the time that chassis held it) and how many packets the destination dropped after the RARP.
+  class' first packet after the resume waited (how late its client sent it, its travel to the
+  destination chassis, then the time that chassis held it) and how many packets the
+  destination dropped after the RARP.
 
     .venv/bin/python bench/migration.py --migrations 10 [--store etcd] [--pause-ms 50]
         [--background-flows 1000] [--hops] [--ovs-rt-priority 20]
@@ -57,7 +58,8 @@ def figures(results: list[MigrationResult], cls: str) -> dict[str, float]:
     out: dict[str, float] = {"n": len(rows)}
     # Per-class values a run may lack (no capture, no gap) are NaN or absent: left out.
     for key, name in (("beyond_pause_ms", "beyond"), ("switch_beyond_ms", "switch"),
-                      ("send_late_ms", "late"), ("travel_ms", "travel"), ("held_ms", "held")):
+                      ("send_late_ms", "late"), ("travel_ms", "travel"), ("held_ms", "held"),
+                      ("first_late_ms", "first_late")):
         vs = [v for row in rows if not math.isnan(v := row.get(key, math.nan))]
         if vs:
             out.update({f"{name}_p50": pct(vs, 0.5), f"{name}_p99": pct(vs, 0.99),
@@ -164,12 +166,13 @@ def add_row(table: Table, cls: str, mode: str, pause: float, f: dict[str, float]
 def hops_table(report: dict[str, dict[str, float]], pauses: list[float],
                modes: list[str]) -> Table:
     table = Table(title="the first packet after the resume, per class (worst client, ms): "
+                        "how late its client sent it (the instrument, starved of CPU), its "
                         "travel from its sending to its arrival in the destination chassis "
                         "(the sender's chassis and the underlay), then held there until the "
                         "VM got it; and packets the destination dropped after the RARP "
                         "(all runs)")
-    for col in ("class", "mode", "pause ms", "travel p50", "travel p99", "held p50",
-                "held p99", "held max", "dropped"):
+    for col in ("class", "mode", "pause ms", "sent late p50", "sent late p99", "travel p50",
+                "travel p99", "held p50", "held p99", "held max", "dropped"):
         table.add_column(col, justify="right")
     for cls in TRAFFIC_CLASSES.values():
         for pause in pauses:
@@ -177,8 +180,8 @@ def hops_table(report: dict[str, dict[str, float]], pauses: list[float],
                 f = report[f"{cls}/{mode}/{pause:g}"]
                 table.add_row(cls, mode, f"{pause:g}",
                               *(f"{f.get(k, float('nan')):.2f}"
-                                for k in ("travel_p50", "travel_p99", "held_p50", "held_p99",
-                                          "held_max")),
+                                for k in ("first_late_p50", "first_late_p99", "travel_p50",
+                                          "travel_p99", "held_p50", "held_p99", "held_max")),
                               str(int(f.get("dest_dropped", 0))))
     return table
 

@@ -199,8 +199,10 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
             mine = [h for h in found if h.client.startswith(prefix)]
             held = [h.held_ms for h in mine if h.held_ms is not None]
             travel = [h.to_chassis_ms for h in mine if h.to_chassis_ms is not None]
+            first_late = [h.sent_late_ms for h in mine if h.sent_late_ms is not None]
             if mine:
                 by_class[cls].update(held_ms=_worst(held), travel_ms=_worst(travel),
+                                     first_late_ms=_worst(first_late),
                                      dest_dropped=sum(h.dropped for h in mine))
     return MigrationResult(number, run.source, run.dest, (pause[1] - pause[0]) / 1e6,
                            report.downtime_ms, report.downtime_beyond_pause_ms, total.lost,

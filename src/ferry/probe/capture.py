@@ -190,22 +190,24 @@ class Hops:
     to_chassis_ms: float | None  # sent → first seen entering the VM's chassis
     held_ms: float | None  # entering the chassis → delivered to the VM
     dropped: int  # entered the chassis after the RARP, never delivered
+    sent_late_ms: float | None = None  # how far behind its schedule the client sent it
 
 
 def hops(client: str, probe_id: int, sent: Sequence[tuple[int, int, int]],
          delivered: Sequence[tuple[int, int, int]], seen: dict[tuple[int, int], int],
          resumed_ns: int, announced_ns: int, window_ns: int) -> Hops:
-    """``sent``/``delivered``: the probe's records for this client ((seq, t_send, x) and
+    """``sent``/``delivered``: the probe's records for this client ((seq, t_send, late) and
     (seq, t_send, t_rx)); ``seen``: :func:`arrivals` at the chassis the VM resumed on. Packets
     counted as dropped entered that chassis within ``window_ns`` after the RARP."""
     got = {seq for seq, _, _ in delivered}
     first = min(((rx, seq, ts) for seq, ts, rx in delivered if rx >= resumed_ns), default=None)
-    to_chassis = held = None
+    to_chassis = held = late = None
     if first is not None:
         rx, seq, ts = first
+        late = next((lt / 1e6 for s, _, lt in sent if s == seq), None)
         entered = seen.get((probe_id, seq))
         if entered is not None:
             to_chassis, held = (entered - ts) / 1e6, (rx - entered) / 1e6
     dropped = sum(1 for seq, _, _ in sent if seq not in got and
                   announced_ns <= seen.get((probe_id, seq), -1) <= announced_ns + window_ns)
-    return Hops(client, to_chassis, held, dropped)
+    return Hops(client, to_chassis, held, dropped, late)
