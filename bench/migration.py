@@ -24,10 +24,11 @@ the VM's floating IP over the external network), per mode and per pause:
   destination dropped after the RARP.
 
     .venv/bin/python bench/migration.py --migrations 10 [--store etcd] [--pause-ms 50]
-        [--background-flows 1000] [--hops] [--ovs-rt-priority 20]
+        [--background-flows 1000] [--hops] [--ovs-rt-priority 20] [--normal-rcu]
 
 Every ovs-vswitchd runs at SCHED_FIFO ``--ovs-rt-priority`` (default: above the probe's
-clients, see ferry.demo.OVS_RT_PRIORITY; 0: normal scheduling).
+clients, see ferry.demo.OVS_RT_PRIORITY; 0: normal scheduling). The host's RCU grace periods
+are expedited while the lab runs unless ``--normal-rcu`` (ferry.lab.host).
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ def main() -> None:
                          f"SCHED_FIFO {PROBE_RT_PRIORITY} and stand for VMs, which do not "
                          "outrank OVS; 0: normal scheduling, where the clients take the CPU "
                          "OVS needs at a live activation)")
+    ap.add_argument("--normal-rcu", action="store_true",
+                    help="leave the host's RCU grace periods as they are (default: expedited "
+                         "while the lab runs, so that a port deletion does not stall the "
+                         "userspace datapath; see ferry.lab.host)")
     ap.add_argument("--out", type=Path, default=Path("out/bench-migration"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -124,14 +129,16 @@ def main() -> None:
                                    a.unplug_delay_ms, a.rate_hz, a.out, plan=plan,
                                    clients_per_class=a.clients, links=a.links,
                                    background=a.background_flows, capture=a.hops,
-                                   ovs_rt_priority=a.ovs_rt_priority))
+                                   ovs_rt_priority=a.ovs_rt_priority,
+                                   expedite_rcu=not a.normal_rcu))
     console = Console(width=150)
     console.print(summary(results, f"store {a.store}"))
     table = Table(title=f"downtime beyond the pause per traffic class, store {a.store}, "
                         f"{a.rate_hz:.0f} Hz probe, {a.links} VIF links, "
                         f"{a.background_flows} background flows, ovs-vswitchd at "
                         f"{f'SCHED_FIFO {a.ovs_rt_priority}' if a.ovs_rt_priority else 'normal'} "
-                        "priority (ms); p50/p99/max "
+                        f"priority, {'normal' if a.normal_rcu else 'expedited'} RCU "
+                        "(ms); p50/p99/max "
                         "within 500 ms of the pause, and only up to Nova's source unplug")
     for col in ("class", "mode", "pause ms", "n", "p50", "p99", "max", "to-unplug p50",
                 "to-unplug p99", "to-unplug max", "converge p50", "converge p99", "lost",

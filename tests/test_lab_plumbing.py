@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from ferry.lab.lab import Lab, destroy_leftovers, leftovers
+from ferry.lab.host import RCU_EXPEDITED, rcu_expedited
+from ferry.lab.lab import Lab, LabError, destroy_leftovers, leftovers
 from ferry.lab.netns import netns_exists, pid_alive, wait_for
 from ferry.lab.ovs_instance import OvsError, OvsInstance
 
@@ -386,3 +387,26 @@ def test_failed_create_cleans_up(base_dir: Path, monkeypatch: pytest.MonkeyPatch
     prefix = str(calls[0]).split("-", 1)[0]
     assert leftovers(prefix, base_dir) == []
     _assert_no_trace(prefix)
+
+
+def test_expedited_rcu_is_put_back_as_found_even_after_an_error(tmp_path: Path) -> None:
+    knob = tmp_path / "rcu_expedited"
+    knob.write_text("0\n")
+    with pytest.raises(RuntimeError, match="inside"), rcu_expedited(knob) as before:
+        assert before == "0" and knob.read_text() == "1\n"
+        raise RuntimeError("inside")
+    assert knob.read_text() == "0\n"
+
+
+def test_expedited_rcu_refused_names_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "rcu_expedited"
+    with pytest.raises(LabError, match=f"cannot set {missing} to 1"), rcu_expedited(missing):
+        pass
+
+
+@pytest.mark.skipif(not os.access(RCU_EXPEDITED, os.W_OK), reason="needs a writable sysfs")
+def test_expedited_rcu_on_this_host() -> None:
+    found = RCU_EXPEDITED.read_text()
+    with rcu_expedited():
+        assert RCU_EXPEDITED.read_text().strip() == "1"
+    assert RCU_EXPEDITED.read_text() == found

@@ -14,7 +14,7 @@ import asyncio
 import json
 import shutil
 import statistics
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ferry.lab.host import rcu_expedited
 from ferry.lab.lab import EXTERNAL_PHYSNET, Lab, LabError, destroy_leftovers
 from ferry.lab.migrate import IN_PLACE, LINKS, MigrationRun, migrate, pause_in_place
 from ferry.lab.netns import wait_for
@@ -232,20 +233,27 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                    plan: list[tuple[str | None, float]] | None = None,
                    clients_per_class: int = 1, links: str = "steady",
                    background: int = 0, capture: bool = False,
-                   ovs_rt_priority: int = 0) -> list[MigrationResult]:
+                   ovs_rt_priority: int = 0, expedite_rcu: bool = False
+                   ) -> list[MigrationResult]:
     """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause).
     ``links``: how the VIFs show the pause and resume (:data:`ferry.lab.migrate.LINKS`,
     checked by :func:`ferry.lab.migrate.pre_migration`). ``background``: about that many
     datapath flows on every chassis of the VM's network, all along
     (:mod:`ferry.probe.background`, sent by the first L2 client). ``capture``: see
     :func:`one_migration`. ``ovs_rt_priority``: every ovs-vswitchd at that SCHED_FIFO
-    priority (:meth:`ferry.lab.lab.Lab.set_ovs_realtime`; 0: normal scheduling)."""
+    priority (:meth:`ferry.lab.lab.Lab.set_ovs_realtime`; 0: normal scheduling).
+    ``expedite_rcu``: the host's RCU grace periods expedited while the lab runs
+    (:mod:`ferry.lab.host`: no port-deletion stall in the userspace datapath)."""
     plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
     console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}, ovs-vswitchd "
                   + (f"at SCHED_FIFO {ovs_rt_priority}" if ovs_rt_priority
-                     else "at normal priority"), highlight=False)
+                     else "at normal priority") + ", RCU grace periods "
+                  + ("expedited" if expedite_rcu else "as the host has them"), highlight=False)
+    host = ExitStack()
     try:
+        if expedite_rcu:
+            host.enter_context(rcu_expedited())
         await asyncio.to_thread(start_control_plane, lab, store)
         if ovs_rt_priority:
             try:
@@ -288,6 +296,7 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                               f"{_ms(r.beyond_pause_ms)} ms", highlight=False)
             return results
     finally:
+        host.close()
         if keep_lab:
             console.print(f"lab {lab.prefix} kept: ferry lab down --lab {lab.prefix}")
         else:
@@ -353,6 +362,11 @@ def demo_command(
         help="Every ovs-vswitchd at this SCHED_FIFO priority, above the probe clients' "
              f"{PROBE_RT_PRIORITY} (they stand for VMs, which do not outrank OVS); 0: normal "
              "scheduling.")] = OVS_RT_PRIORITY,
+    expedite_rcu: Annotated[bool, typer.Option(
+        "--expedite-rcu/--normal-rcu",
+        help="Expedited RCU grace periods on this host while the lab runs (put back after): "
+             "deleting a port (Nova's unplug) then does not stall the chassis' userspace "
+             "datapath for 5-25 ms.")] = True,
 ) -> None:
     """Migrate a VM back and forth on a lab of real OVS chassis and report the downtime."""
     if store not in ("memory", "etcd"):
@@ -366,7 +380,8 @@ def demo_command(
                                       rate_hz, out, keep_lab, plan=plan,
                                       clients_per_class=clients, links=links,
                                       background=background_flows,
-                                      ovs_rt_priority=ovs_rt_priority))
+                                      ovs_rt_priority=ovs_rt_priority,
+                                      expedite_rcu=expedite_rcu))
     console.print(summary(everything, f"store {store}"))
     floor, results = everything[0], everything[1:]
     beyond = stats([r.beyond_pause_ms for r in results])
@@ -375,6 +390,7 @@ def demo_command(
     figures: dict[str, Any] = {"store": store, "pause_ms": pause_ms, "links": links,
                                "background_flows": background_flows,
                                "ovs_rt_priority": ovs_rt_priority,
+                               "expedited_rcu": expedite_rcu,
                                "downtime_beyond_pause_ms": beyond,
                                "downtime_beyond_pause_before_unplug_ms": switch,
                                "convergence_ms": conv,
