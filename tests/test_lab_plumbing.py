@@ -5,6 +5,7 @@ No controller here: flows are written by hand with ``ovs-ofctl`` to prove the wi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.lab.host import RCU_EXPEDITED, rcu_expedited
+from ferry.lab.host import RCU_EXPEDITED, rcu_expedited, restore_rcu
 from ferry.lab.lab import Lab, LabError, destroy_leftovers, leftovers
 from ferry.lab.netns import netns_exists, pid_alive, wait_for
 from ferry.lab.ovs_instance import OvsError, OvsInstance
@@ -390,23 +391,55 @@ def test_failed_create_cleans_up(base_dir: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_expedited_rcu_is_put_back_as_found_even_after_an_error(tmp_path: Path) -> None:
-    knob = tmp_path / "rcu_expedited"
+    knob, saved = tmp_path / "rcu_expedited", tmp_path / "labs" / "rcu.saved"
     knob.write_text("0\n")
-    with pytest.raises(RuntimeError, match="inside"), rcu_expedited(knob) as before:
+    with pytest.raises(RuntimeError, match="inside"), rcu_expedited(knob, saved) as before:
         assert before == "0" and knob.read_text() == "1\n"
+        assert json.loads(saved.read_text())["pid"] == os.getpid()
         raise RuntimeError("inside")
-    assert knob.read_text() == "0\n"
+    assert knob.read_text() == "0\n" and not saved.exists()
+
+
+def test_expedited_rcu_held_by_a_live_run_is_left_to_it(tmp_path: Path) -> None:
+    knob, saved = tmp_path / "rcu_expedited", tmp_path / "rcu.saved"
+    knob.write_text("1\n")
+    holder = {"value": "0", "pid": os.getppid(), "starttime": None}
+    saved.write_text(json.dumps(holder))
+    with rcu_expedited(knob, saved) as before:
+        assert before == "0"
+    assert knob.read_text() == "1\n" and json.loads(saved.read_text()) == holder
+    assert restore_rcu(knob, saved) is None  # its run is alive: not ours to put back
+
+
+def test_expedited_rcu_left_by_a_killed_run_is_put_back(tmp_path: Path) -> None:
+    knob, saved = tmp_path / "rcu_expedited", tmp_path / "rcu.saved"
+    gone = subprocess.Popen(["true"])  # its PID no longer runs once waited for
+    gone.wait()
+    knob.write_text("1\n")
+    saved.write_text(json.dumps({"value": "0", "pid": gone.pid, "starttime": None}))
+    # The next run adopts the host's value from the record and puts it back at its end...
+    with rcu_expedited(knob, saved) as before:
+        assert before == "0" and knob.read_text() == "1\n"
+    assert knob.read_text() == "0\n" and not saved.exists()
+    # ...and `ferry lab down --all` does it at once.
+    knob.write_text("1\n")
+    saved.write_text(json.dumps({"value": "0", "pid": gone.pid, "starttime": None}))
+    assert restore_rcu(knob, saved) == "0"
+    assert knob.read_text() == "0\n" and not saved.exists()
+    assert restore_rcu(knob, saved) is None
 
 
 def test_expedited_rcu_refused_names_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "no" / "rcu_expedited"
-    with pytest.raises(LabError, match=f"cannot set {missing} to 1"), rcu_expedited(missing):
+    with pytest.raises(LabError, match=f"cannot read {missing}"), \
+            rcu_expedited(missing, tmp_path / "rcu.saved"):
         pass
+    assert not (tmp_path / "rcu.saved").exists()
 
 
 @pytest.mark.skipif(not os.access(RCU_EXPEDITED, os.W_OK), reason="needs a writable sysfs")
-def test_expedited_rcu_on_this_host() -> None:
+def test_expedited_rcu_on_this_host(tmp_path: Path) -> None:
     found = RCU_EXPEDITED.read_text()
-    with rcu_expedited():
+    with rcu_expedited(saved=tmp_path / "rcu.saved"):
         assert RCU_EXPEDITED.read_text().strip() == "1"
     assert RCU_EXPEDITED.read_text() == found

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ferry.lab.host import RCU_EXPEDITED, restore_rcu
 from ferry.lab.lab import Lab, LabError, destroy_leftovers, list_labs
 from ferry.lab.neutron import Neutron, NeutronError
 from ferry.lab.services import serve, start_control_plane
@@ -90,6 +91,11 @@ def down(
         console.print(f"lab {prefix}: removed {len(report.removed)} things in "
                       f"{report.seconds:.2f}s" + ("" if report.ok else
                                                   f"; errors: {report.errors}"))
+    if all_labs:
+        back = restore_rcu()
+        if back is not None:
+            console.print(f"{RCU_EXPEDITED} put back to {back} (set by a run that died)",
+                          highlight=False)
     if not ok:
         raise typer.Exit(1)
 
