@@ -253,7 +253,10 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
     host = ExitStack()
     try:
         if expedite_rcu:
-            host.enter_context(rcu_expedited())
+            try:
+                host.enter_context(rcu_expedited())
+            except LabError as e:
+                raise LabError(f"{e}; --normal-rcu leaves the host's setting alone") from None
         await asyncio.to_thread(start_control_plane, lab, store)
         if ovs_rt_priority:
             try:
