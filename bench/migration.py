@@ -25,6 +25,7 @@ the VM's floating IP over the external network), per mode and per pause:
 
     .venv/bin/python bench/migration.py --migrations 10 [--store etcd] [--pause-ms 50]
         [--background-flows 1000] [--hops] [--ovs-rt-priority 20] [--normal-rcu]
+        [--classes L2,L3,FIP]
 
 Every ovs-vswitchd runs at SCHED_FIFO ``--ovs-rt-priority`` (default: above the probe's
 clients, see ferry.demo.OVS_RT_PRIORITY; 0: normal scheduling). The host's RCU grace periods
@@ -104,6 +105,10 @@ def main() -> None:
                          f"SCHED_FIFO {PROBE_RT_PRIORITY} and stand for VMs, which do not "
                          "outrank OVS; 0: normal scheduling, where the clients take the CPU "
                          "OVS needs at a live activation)")
+    ap.add_argument("--classes", default=",".join(TRAFFIC_CLASSES.values()),
+                    help="comma-separated traffic classes the probe sends (default all: "
+                         f"{', '.join(TRAFFIC_CLASSES.values())}); fewer is less forwarding "
+                         "load on the lab's cores, with the same lab and flows")
     ap.add_argument("--normal-rcu", action="store_true",
                     help="leave the host's RCU grace periods as they are (default: expedited "
                          "while the lab runs, so that a port deletion does not stall the "
@@ -117,6 +122,10 @@ def main() -> None:
         ap.error(f"--background-flows {a.background_flows}: must be in 0..{MAX_BACKGROUND_FLOWS}")
     if not 0 <= a.ovs_rt_priority <= 99:
         ap.error(f"--ovs-rt-priority {a.ovs_rt_priority}: must be in 0..99 (SCHED_FIFO)")
+    classes = a.classes.split(",")
+    if not classes or set(classes) - set(TRAFFIC_CLASSES.values()):
+        ap.error(f"--classes {a.classes!r}: want some of "
+                 f"{', '.join(TRAFFIC_CLASSES.values())}")
     if unknown or not modes:
         ap.error(f"--modes {a.modes!r}: unknown {', '.join(unknown)}; want spec, live, "
                  f"{IN_PLACE}")
@@ -130,7 +139,7 @@ def main() -> None:
                                    clients_per_class=a.clients, links=a.links,
                                    background=a.background_flows, capture=a.hops,
                                    ovs_rt_priority=a.ovs_rt_priority,
-                                   expedite_rcu=not a.normal_rcu))
+                                   expedite_rcu=not a.normal_rcu, classes=classes))
     console = Console(width=150)
     console.print(summary(results, f"store {a.store}"))
     table = Table(title=f"downtime beyond the pause per traffic class, store {a.store}, "
@@ -145,7 +154,7 @@ def main() -> None:
                 "dup", "reord", "dest flows", "send late max"):
         table.add_column(col, justify="right")
     report = {}
-    for cls in TRAFFIC_CLASSES.values():
+    for cls in classes:
         for pause in pauses:
             for mode in modes:
                 rs = [r for r, (m, p) in zip(results, plan, strict=True)
@@ -155,7 +164,7 @@ def main() -> None:
                 add_row(table, cls, mode, pause, f)
     console.print(table)
     if a.hops:
-        console.print(hops_table(report, pauses, modes))
+        console.print(hops_table(report, classes, pauses, modes))
     (a.out / "bench.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(a).items()}, "figures": report}, indent=1))
 
@@ -170,7 +179,7 @@ def add_row(table: Table, cls: str, mode: str, pause: float, f: dict[str, float]
                   f"{f.get('late_max', float('nan')):.1f}")
 
 
-def hops_table(report: dict[str, dict[str, float]], pauses: list[float],
+def hops_table(report: dict[str, dict[str, float]], classes: list[str], pauses: list[float],
                modes: list[str]) -> Table:
     table = Table(title="the first packet after the resume, per class (worst client, ms): "
                         "how late its client sent it (the instrument, starved of CPU), its "
@@ -181,7 +190,7 @@ def hops_table(report: dict[str, dict[str, float]], pauses: list[float],
     for col in ("class", "mode", "pause ms", "sent late p50", "sent late p99", "travel p50",
                 "travel p99", "held p50", "held p99", "held max", "dropped"):
         table.add_column(col, justify="right")
-    for cls in TRAFFIC_CLASSES.values():
+    for cls in classes:
         for pause in pauses:
             for mode in modes:
                 f = report[f"{cls}/{mode}/{pause:g}"]

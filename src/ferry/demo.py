@@ -14,6 +14,7 @@ import asyncio
 import json
 import shutil
 import statistics
+from collections.abc import Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,6 +78,11 @@ AROUND_MS = 500.0
 """Each migration's downtime is the longest gap within this much of its pause."""
 
 TRAFFIC_CLASSES = {"c": "L2", "r": "L3", OUTSIDE: "FIP"}
+
+
+def class_of(client: str) -> str:
+    """The traffic class of one of :func:`build`'s probe clients (by its name's prefix)."""
+    return next(cls for prefix, cls in TRAFFIC_CLASSES.items() if client.startswith(prefix))
 """Probe clients by name prefix: c* share the VM's network; r* reach it through a router;
 the lab's outside host reaches it by its floating IP over the external network."""
 
@@ -233,8 +239,8 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                    plan: list[tuple[str | None, float]] | None = None,
                    clients_per_class: int = 1, links: str = "steady",
                    background: int = 0, capture: bool = False,
-                   ovs_rt_priority: int = 0, expedite_rcu: bool = False
-                   ) -> list[MigrationResult]:
+                   ovs_rt_priority: int = 0, expedite_rcu: bool = False,
+                   classes: Sequence[str] | None = None) -> list[MigrationResult]:
     """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause).
     ``links``: how the VIFs show the pause and resume (:data:`ferry.lab.migrate.LINKS`,
     checked by :func:`ferry.lab.migrate.pre_migration`). ``background``: about that many
@@ -243,7 +249,9 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
     :func:`one_migration`. ``ovs_rt_priority``: every ovs-vswitchd at that SCHED_FIFO
     priority (:meth:`ferry.lab.lab.Lab.set_ovs_realtime`; 0: normal scheduling).
     ``expedite_rcu``: the host's RCU grace periods expedited while the lab runs
-    (:mod:`ferry.lab.host`: no port-deletion stall in the userspace datapath)."""
+    (:mod:`ferry.lab.host`: no port-deletion stall in the userspace datapath). ``classes``:
+    the traffic classes the probe sends (default all of :data:`TRAFFIC_CLASSES`); the lab
+    and its topology are the same, only the probe's load changes."""
     plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
     console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}, ovs-vswitchd "
@@ -268,6 +276,8 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
         assert api_url is not None
         async with Neutron(api_url) as api, AsyncExitStack() as stack:
             _, clients, targets = await build(lab, api, clients_per_class)
+            if classes is not None:
+                clients = [c for c in clients if class_of(c) in classes]
             names = [ch.name for ch in lab.state.chassis]
             if background:
                 stack.enter_context(background_flows(lab, clients[0], background))
