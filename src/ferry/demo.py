@@ -34,6 +34,8 @@ from ferry.lab.ovs_instance import OvsError
 from ferry.lab.services import start_control_plane
 from ferry.probe.background import MAX_BACKGROUND_FLOWS, background_flows, datapath_flows
 from ferry.probe.capture import Capture, Hops, hops
+from ferry.probe.records import ProbeData
+from ferry.probe.report import build_report
 from ferry.probe.runner import OUTSIDE, PROBE_RT_PRIORITY, Probe, now_ns
 
 console = Console(width=120)  # the summary table is wider than a pipe's default 80
@@ -180,21 +182,23 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
         finally:
             if cap is not None:
                 await asyncio.to_thread(cap.stop)
+    from ferry.probe.plot import plot_timeline  # matplotlib: only when there is a run to plot
+
     pause = run.pause_window_ns
-    report = probe.report(pause=pause, around_ms=AROUND_MS)
+    data = probe.data()  # the records, read once for the reports, the plot and the hops
+    report = build_report(data, pause, AROUND_MS)
     unplug = run.events.get("unplugging")
-    switch = probe.report(pause=pause, around_ms=AROUND_MS,
-                          until_ns=None if unplug is None else int(unplug))
-    plot = probe.plot(out / f"migration{number}.png", pause=pause, xlim_ms=(-100, 400))
+    switch = build_report(data, pause, AROUND_MS, None if unplug is None else int(unplug))
+    plot = plot_timeline(data, out / f"migration{number}.png", pause, xlim_ms=(-100, 400))
     total = report.total
-    found = hops_of(probe, cap, run) if cap is not None else []
+    found = hops_of(data, cap, run) if cap is not None else []
     by_class: dict[str, dict[str, float]] = {}
-    for prefix, cls in TRAFFIC_CLASSES.items():
-        members = [c for c in report.clients if c.name.startswith(prefix)]
+    for cls in TRAFFIC_CLASSES.values():
+        members = [c for c in report.clients if class_of(c.name) == cls]
         beyond = [c.downtime_beyond_pause_ms for c in members
                   if c.downtime_beyond_pause_ms is not None]
         at_switch = [c.downtime_beyond_pause_ms for c in switch.clients
-                     if c.name.startswith(prefix) and c.downtime_beyond_pause_ms is not None]
+                     if class_of(c.name) == cls and c.downtime_beyond_pause_ms is not None]
         late = [c.send_late_in_gap_ms for c in members if c.send_late_in_gap_ms is not None]
         if members:
             by_class[cls] = {"beyond_pause_ms": _worst(beyond),
@@ -203,7 +207,7 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                              "lost": sum(c.lost for c in members),
                              "duplicated": sum(c.duplicated for c in members),
                              "reordered": sum(c.reordered for c in members)}
-            mine = [h for h in found if h.client.startswith(prefix)]
+            mine = [h for h in found if class_of(h.client) == cls]
             held = [h.held_ms for h in mine if h.held_ms is not None]
             travel = [h.to_chassis_ms for h in mine if h.to_chassis_ms is not None]
             first_late = [h.sent_late_ms for h in mine if h.sent_late_ms is not None]
@@ -223,14 +227,14 @@ def _worst(values: list[float]) -> float:
     return max(values, default=float("nan"))
 
 
-def hops_of(probe: Probe, cap: Capture, run: MigrationRun) -> list[Hops]:
+def hops_of(data: ProbeData, cap: Capture, run: MigrationRun) -> list[Hops]:
     """Per client, where its first packet after the resume waited (the capture is of the
     chassis the VM resumed on; drops are counted within AROUND_MS of the RARP)."""
     seen = cap.arrivals()
     resumed = int(run.events["resumed"])
     announced = int(run.events.get("announced", resumed))
     return [hops(c.name, c.probe_id, c.sent, c.delivered, seen, resumed, announced,
-                 int(AROUND_MS * 1e6)) for c in probe.data().clients]
+                 int(AROUND_MS * 1e6)) for c in data.clients]
 
 
 async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
