@@ -403,10 +403,22 @@ class Lab:
         """Give every chassis' OVS its underlay neighbours now. OVS's userspace tunnelling
         resolves a tunnel destination with its own ARP on first use and drops the packet that
         needed it (seen: the first Geneve packet to each chassis lost); static entries avoid
-        that, as a real deployment's warm neighbour tables do."""
+        that, as a real deployment's warm neighbour tables do.
+
+        And pin the underlay's route in OVS's own routing table. OVS copies the kernel's
+        routes and, on any link change in the namespace (a VIF plugged or unplugged), empties
+        that copy and reads it again; a revalidator translating a tunnelled flow meanwhile
+        finds no route, and the datapath drops that flow's packets until the next round.
+        Measured: 20 port additions and deletions on a chassis lost 5-25 packets of each
+        probe client there whose traffic is tunnelled (5 runs), none with the route pinned
+        (2 runs); the plumbing test's 76-80 VIF plug/unplug cycles under a 1 kHz Geneve
+        sender lost 35-65 of 6000 packets without it (3 runs), none with it. A route added
+        with ``ovs/route/add`` is OVS's own and survives the re-reads."""
         macs = {ch.name: nx.link_mac(ch.netns, PHY_BRIDGE) for ch in self.state.chassis}
         for ch in self.state.chassis:
             ovs = self.ovs(ch.name)
+            underlay = ipaddress.ip_interface(ch.tunnel_cidr).network
+            ovs.appctl("ovs-vswitchd", "ovs/route/add", str(underlay), PHY_BRIDGE)
             for other in self.state.chassis:
                 if other is not ch:
                     ovs.appctl("ovs-vswitchd", "tnl/neigh/set", PHY_BRIDGE, other.tunnel_ip,
