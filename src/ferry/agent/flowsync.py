@@ -116,10 +116,10 @@ class FlowSync:
         t0 = self.clock()
         try:
             # One bundle: OVS moves to the whole new flow set in one table version. Sent as
-            # separate flow-mods, the datapath would see the sets in between (a port's
-            # conntrack flow without the rules after it, the rules gone before the conntrack
-            # flow) and cache them as drops until a revalidation round: a 6 ms outage for a
-            # routed sender at a live migration's claim, measured (bench/migration.py).
+            # separate flow-mods, packets meet the sets in between (a port's conntrack flow
+            # without the rules after it, the rules gone before the conntrack flow), and the
+            # datapath caches what they met until a revalidation round
+            # (tests/test_flowsync.py traces such drops with flow-by-flow syncs).
             await self.switch.apply(diff.adds, diff.modifies, diff.deletes, atomic=True)
         except FlowModError as e:
             # Nothing was applied. Install what the switch accepts, flow by flow, so that
