@@ -89,6 +89,19 @@ def host_if(lab: Lab, vm: str, chassis: str) -> str:
     return vif.host_if
 
 
+def geneve_pair(lab: Lab) -> int:
+    """VM ``a`` (10.0.0.1) on chassis-1 and ``c`` (10.0.0.3) on chassis-2, all their traffic
+    over Geneve by hand-written flows; returns, once a reaches c, chassis-2's Geneve port."""
+    lab.add_vm("a", "chassis-1", MAC.format(1), "10.0.0.1/24", "port-a")
+    lab.add_vm("c", "chassis-2", MAC.format(3), "10.0.0.3/24", "port-c")
+    g1 = lab.add_geneve_port(1)
+    g2 = lab.add_geneve_port(2)
+    tunnel_flows(lab, 1, host_if(lab, "a", "chassis-1"), "192.168.254.2", g1)
+    tunnel_flows(lab, 2, host_if(lab, "c", "chassis-2"), "192.168.254.1", g2)
+    wait_for(lambda: ping_ok(lab, "a", "10.0.0.3"), timeout=10, what="ping a -> c")
+    return g2
+
+
 def test_create_layout(lab2: Lab) -> None:
     st = lab2.status()
     assert st["phase"] == "ready" and st["underlay"]["exists"]
@@ -128,12 +141,7 @@ def test_same_chassis_ping_with_normal_flow(lab2: Lab) -> None:
 
 
 def test_cross_chassis_ping_over_geneve(lab2: Lab) -> None:
-    lab2.add_vm("a", "chassis-1", MAC.format(1), "10.0.0.1/24", "port-a")
-    lab2.add_vm("c", "chassis-2", MAC.format(3), "10.0.0.3/24", "port-c")
-    g1 = lab2.add_geneve_port(1)
-    g2 = lab2.add_geneve_port(2)
-    tunnel_flows(lab2, 1, host_if(lab2, "a", "chassis-1"), "192.168.254.2", g1)
-    tunnel_flows(lab2, 2, host_if(lab2, "c", "chassis-2"), "192.168.254.1", g2)
+    g2 = geneve_pair(lab2)
     rtt = ping_rtt_ms(lab2, "a", "10.0.0.3")
     print(f"cross-chassis Geneve RTT {rtt:.3f} ms")
     # the packets really went through the tunnel port
@@ -190,13 +198,7 @@ print("ok" if got == payload else f"bad {len(got)}")
 
 
 def test_udp_and_tcp_between_vms_across_chassis(lab2: Lab) -> None:
-    lab2.add_vm("a", "chassis-1", MAC.format(1), "10.0.0.1/24", "port-a")
-    lab2.add_vm("c", "chassis-2", MAC.format(3), "10.0.0.3/24", "port-c")
-    g1 = lab2.add_geneve_port(1)
-    g2 = lab2.add_geneve_port(2)
-    tunnel_flows(lab2, 1, host_if(lab2, "a", "chassis-1"), "192.168.254.2", g1)
-    tunnel_flows(lab2, 2, host_if(lab2, "c", "chassis-2"), "192.168.254.1", g2)
-    wait_for(lambda: ping_ok(lab2, "a", "10.0.0.3"), timeout=10, what="ping a -> c")
+    geneve_pair(lab2)
     servers = [
         lab2.popen_in_vm("c", [sys.executable, "-c", UDP_ECHO, "9999"]),
         lab2.popen_in_vm("c", [sys.executable, "-c", TCP_ECHO, "9998"]),
@@ -247,13 +249,7 @@ def test_vif_churn_loses_no_tunnelled_packet(lab2: Lab) -> None:
     """VIFs plugged and unplugged on a chassis cost its other VMs' Geneve traffic nothing.
     (OVS re-reads its copy of the kernel's routes at every link change; the lab pins the
     underlay route so that a tunnelled flow never meets the empty table.)"""
-    lab2.add_vm("a", "chassis-1", MAC.format(1), "10.0.0.1/24", "port-a")
-    lab2.add_vm("c", "chassis-2", MAC.format(3), "10.0.0.3/24", "port-c")
-    g1 = lab2.add_geneve_port(1)
-    g2 = lab2.add_geneve_port(2)
-    tunnel_flows(lab2, 1, host_if(lab2, "a", "chassis-1"), "192.168.254.2", g1)
-    tunnel_flows(lab2, 2, host_if(lab2, "c", "chassis-2"), "192.168.254.1", g2)
-    wait_for(lambda: ping_ok(lab2, "a", "10.0.0.3"), timeout=10, what="ping a -> c")
+    geneve_pair(lab2)
     sent = 6000  # 1 kHz for 6 s
     sink = lab2.popen_in_vm("c", [sys.executable, "-c", UDP_SEQ_SINK, "9997", "1.0"],
                             stdout=subprocess.PIPE, text=True)
