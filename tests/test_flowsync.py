@@ -10,7 +10,10 @@ the rule, and the sender's packets are dropped in between (the datapath then cac
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+from collections.abc import Iterable
+from typing import cast
 
 import pytest
 
@@ -18,7 +21,7 @@ from ferry.agent.flowsync import FlowSync
 from ferry.core.chassis import FlowKey
 from ferry.lab.ovs_instance import OvsInstance
 from ferry.switch.flow import OFPP_IN_PORT, OFPP_LOCAL, Flow, GotoTable, Match, Output
-from ferry.switch.openflow import Switch
+from ferry.switch.openflow import OpenFlowError, Switch
 from tests.test_openflow import BRIDGE, TIMEOUT, events, ovs, switch  # noqa: F401 (fixtures)
 
 PACKET = "in_port=LOCAL,ip,nw_src=10.0.0.1,nw_dst=10.0.0.2"
@@ -97,3 +100,81 @@ async def test_a_sync_is_never_seen_half_applied(ovs: OvsInstance,  # noqa: F811
         task.cancel()
     assert in_flight >= 6, f"only {in_flight} traces while syncing: the test saw nothing"
     assert "Datapath actions: drop" not in traces, traces
+
+
+@pytest.mark.ovs
+async def test_a_refused_flow_holds_back_no_other(switch: Switch) -> None:  # noqa: F811
+    """The bundle is refused whole; FlowSync then installs every flow the switch accepts, and
+    keeps syncing what comes next."""
+    good = [Flow(0, 10 + i, Match(in_port=i + 1), (Output(2),)) for i in range(3)]
+    bad = Flow(0, 99, Match(ipv4_src="10.0.0.1"), (Output(2),))  # no eth_type: refused
+    desired: dict[FlowKey, Flow] = {f.key: f for f in [good[0], bad, *good[1:]]}
+    sync = FlowSync("test", switch, lambda: desired, n_apps=1)
+    refused = ErrorLogged("switch rejected flows")
+    logging.getLogger("ferry.agent.flowsync").addHandler(refused)
+    task = asyncio.create_task(sync.run())
+    try:
+        sync.mark_dirty()
+        async with asyncio.timeout(TIMEOUT):
+            await refused.seen.wait()
+        assert set(await switch.dump_flows()) == set(good)
+        later = Flow(0, 20, Match(in_port=7), (Output(2),))
+        del desired[bad.key]
+        desired[later.key] = later
+        sync.mark_dirty()
+        async with asyncio.timeout(TIMEOUT):
+            await sync.wait_synced()
+        assert set(await switch.dump_flows()) == {*good, later}
+    finally:
+        task.cancel()
+        logging.getLogger("ferry.agent.flowsync").removeHandler(refused)
+
+
+class ErrorLogged(logging.Handler):
+    """Sets ``seen`` once an error record containing ``text`` is logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.ERROR)
+        self.text = text
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+class BundleRefusingSwitch:
+    """A switch that refuses bundles (an OpenFlow error that names no flow), as a switch
+    without bundle support would; flow by flow, it keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.flows: set[Flow] = set()
+        self.bundles = 0
+
+    async def wait_connected(self) -> None:
+        return None
+
+    async def dump_flows(self) -> list[Flow]:
+        return sorted(self.flows, key=str)
+
+    async def apply(self, adds: Iterable[Flow] = (), modifies: Iterable[Flow] = (),
+                    deletes: Iterable[Flow] = (), *, atomic: bool = False) -> None:
+        if atomic:
+            self.bundles += 1
+            raise OpenFlowError("bundle 1: OFPBFC_BAD_TYPE")
+        self.flows -= {f for f in deletes}
+        self.flows |= {*adds, *modifies}
+
+
+async def test_a_refused_bundle_falls_back_to_flow_by_flow() -> None:
+    fake = BundleRefusingSwitch()
+    flows: dict[FlowKey, Flow] = {f.key: f for f in (Flow(0, 10, Match(in_port=1), (Output(2),)),)}
+    sync = FlowSync("test", cast(Switch, fake), lambda: flows, n_apps=1)
+    task = asyncio.create_task(sync.run())
+    try:
+        sync.mark_dirty()
+        async with asyncio.timeout(TIMEOUT):
+            await sync.wait_synced()
+        assert fake.flows == set(flows.values()) and fake.bundles == 1
+    finally:
+        task.cancel()

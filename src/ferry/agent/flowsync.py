@@ -15,7 +15,13 @@ from collections.abc import Callable
 
 from ferry.core.chassis import FlowDiff, FlowKey, app_index_of, diff_flows
 from ferry.switch.flow import Flow
-from ferry.switch.openflow import ConnectionLost, FlowModError, Switch, UnsupportedFlow
+from ferry.switch.openflow import (
+    ConnectionLost,
+    FlowModError,
+    OpenFlowError,
+    Switch,
+    UnsupportedFlow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +127,14 @@ class FlowSync:
             # datapath caches what they met until a revalidation round
             # (tests/test_flowsync.py traces such drops with flow-by-flow syncs).
             await self.switch.apply(diff.adds, diff.modifies, diff.deletes, atomic=True)
-        except FlowModError as e:
-            # Nothing was applied. Install what the switch accepts, flow by flow, so that
-            # one bad flow does not hold back the others; that raises the same error.
-            log.error("chassis %s: switch rejected the flow bundle (%s); applying the rest "
-                      "one by one", self.chassis, e)
+        except ConnectionLost:
+            raise
+        except OpenFlowError as e:
+            # Nothing was applied: a flow was refused, or the bundle itself. Install what the
+            # switch accepts, flow by flow, so that one bad flow does not hold back the others
+            # (a refused flow then raises its FlowModError again).
+            log.error("chassis %s: switch rejected the flow bundle (%s); applying the diff "
+                      "flow by flow", self.chassis, e)
             await self.switch.apply(diff.adds, diff.modifies, diff.deletes)
         for f in diff.deletes:
             if self.installed.get(f.key) == f:
