@@ -80,13 +80,13 @@ AROUND_MS = 500.0
 """Each migration's downtime is the longest gap within this much of its pause."""
 
 TRAFFIC_CLASSES = {"c": "L2", "r": "L3", OUTSIDE: "FIP"}
+"""Probe clients by name prefix: c* share the VM's network; r* reach it through a router;
+the lab's outside host reaches it by its floating IP over the external network."""
 
 
 def class_of(client: str) -> str:
     """The traffic class of one of :func:`build`'s probe clients (by its name's prefix)."""
     return next(cls for prefix, cls in TRAFFIC_CLASSES.items() if client.startswith(prefix))
-"""Probe clients by name prefix: c* share the VM's network; r* reach it through a router;
-the lab's outside host reaches it by its floating IP over the external network."""
 
 
 async def build(lab: Lab, api: Neutron, n_clients: int

@@ -378,14 +378,13 @@ def run_move(args: argparse.Namespace) -> int:
         t_rarp = t_up0 = time.monotonic_ns()
         resumer.resume()
         t_up = time.monotonic_ns()
-        _drop_realtime()
     else:  # a link that was down can carry the RARP only once it is up
         t_up0 = time.monotonic_ns()
         _set_up(sock, args.up, True)
         t_up = time.monotonic_ns()
         sent = _send_rarps(raw, frame, args.rarp)
         t_rarp = time.monotonic_ns()
-        _drop_realtime()
+    _drop_realtime()
     print(json.dumps({"start_ns": t0, "down_ns": t_down, "up_start_ns": t_up0, "up_ns": t_up,
                       "rarp_ns": t_rarp, "rarps": sent, "sched": sched}))
     return 0
