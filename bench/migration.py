@@ -21,11 +21,15 @@ the VM's floating IP over the external network), per mode and per pause:
 - with ``--hops`` (:mod:`ferry.probe.capture`, tcpdump on the destination's links): where each
   class' first packet after the resume waited (how late its client sent it, its travel to the
   destination chassis, then the time that chassis held it) and how many packets the
-  destination dropped after the RARP.
+  destination dropped after the RARP;
+- with ``--sched`` (:mod:`ferry.probe.sched`, a host-wide ``perf`` sched_switch trace): how
+  many clients sent their first packet after the resume more than 0.2 ms late, and who held
+  the CPUs meanwhile (each chassis' ovs-vswitchd main thread, its revalidators, the probe, the
+  lab's hypervisor, anything else, or nothing), as shares of those cores' time.
 
     .venv/bin/python bench/migration.py --migrations 10 [--store etcd] [--pause-ms 50]
         [--background-flows 1000] [--hops] [--ovs-rt-priority 20] [--normal-rcu]
-        [--classes L2,L3,FIP]
+        [--classes L2,L3,FIP] [--sched]
 
 Every ovs-vswitchd runs at SCHED_FIFO ``--ovs-rt-priority`` (default: above the probe's
 clients, see ferry.demo.OVS_RT_PRIORITY; 0: normal scheduling). The host's RCU grace periods
@@ -43,10 +47,21 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ferry.demo import OVS_RT_PRIORITY, TRAFFIC_CLASSES, MigrationResult, run_demo, summary
+from ferry.demo import (
+    OVS_RT_PRIORITY,
+    TRAFFIC_CLASSES,
+    MigrationResult,
+    class_of,
+    run_demo,
+    summary,
+)
 from ferry.lab.migrate import IN_PLACE, LINKS
 from ferry.probe.background import MAX_BACKGROUND_FLOWS
 from ferry.probe.runner import PROBE_RT_PRIORITY
+from ferry.probe.sched import THREAD_CLASSES, SchedTrace, while_late
+
+LATE_NS = 200_000
+"""A first send after the resume this late (or later) counts as late in the ``--sched`` table."""
 
 
 def pct(values: list[float], q: float) -> float:
@@ -113,6 +128,9 @@ def main() -> None:
                     help="leave the host's RCU grace periods as they are (default: expedited "
                          "while the lab runs, so that a port deletion does not stall the "
                          "userspace datapath; see ferry.lab.host)")
+    ap.add_argument("--sched", action="store_true",
+                    help="trace the host's scheduler (perf) during the migrations and show "
+                         "who held the CPUs while the probe's clients sent late at the resume")
     ap.add_argument("--out", type=Path, default=Path("out/bench-migration"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -134,12 +152,14 @@ def main() -> None:
     plan: list[tuple[str | None, float]] = [
         (modes[i % len(modes)], pause) for pause in pauses
         for i in range(a.migrations * len(modes))]
+    sched = SchedTrace(a.out / "sched.data") if a.sched else None
     results = asyncio.run(run_demo(a.chassis, a.store, len(plan), a.pause_ms,
                                    a.unplug_delay_ms, a.rate_hz, a.out, plan=plan,
                                    clients_per_class=a.clients, links=a.links,
                                    background=a.background_flows, capture=a.hops,
                                    ovs_rt_priority=a.ovs_rt_priority,
-                                   expedite_rcu=not a.normal_rcu, classes=classes))
+                                   expedite_rcu=not a.normal_rcu, classes=classes,
+                                   sched=sched))
     console = Console(width=150)
     console.print(summary(results, f"store {a.store}"))
     table = Table(title=f"downtime beyond the pause per traffic class, store {a.store}, "
@@ -165,6 +185,8 @@ def main() -> None:
     console.print(table)
     if a.hops:
         console.print(hops_table(report, classes, pauses, modes))
+    if sched is not None:
+        console.print(sched_table(sched, results, plan, classes, pauses, modes))
     (a.out / "bench.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(a).items()}, "figures": report}, indent=1))
 
@@ -177,6 +199,31 @@ def add_row(table: Table, cls: str, mode: str, pause: float, f: dict[str, float]
                   *(str(int(f[k])) for k in ("lost", "duplicated", "reordered")),
                   f"{f.get('dest_flows_p50', float('nan')):.0f}",
                   f"{f.get('late_max', float('nan')):.1f}")
+
+
+def sched_table(sched: SchedTrace, results: list[MigrationResult],
+                plan: list[tuple[str | None, float]], classes: list[str], pauses: list[float],
+                modes: list[str]) -> Table:
+    cpus = sched.read()
+    table = Table(title=f"the first packet after the resume, per class: clients that sent it "
+                        f"{LATE_NS / 1e6:g} ms late or more (all runs), how late (p50 of "
+                        "those), and who held the host's CPUs meanwhile (% of those cores' "
+                        f"time, {len(cpus)} CPUs)")
+    for col in ("class", "mode", "pause ms", "late", "late p50 ms", *THREAD_CLASSES):
+        table.add_column(col, justify="right")
+    for cls in classes:
+        for pause in pauses:
+            for mode in modes:
+                sends = [(due, sent) for r, (m, p) in zip(results, plan, strict=True)
+                         if m == mode and p == pause
+                         for client, due, sent in r.first_sends if class_of(client) == cls]
+                late = [(due, sent) for due, sent in sends if sent - due >= LATE_NS]
+                held, span = while_late(cpus, late)
+                p50 = pct([(s - d) / 1e6 for d, s in late], 0.5) if late else float("nan")
+                table.add_row(cls, mode, f"{pause:g}", f"{len(late)}/{len(sends)}",
+                              f"{p50:.2f}", *(f"{100 * held[k] / span:.0f}" if span else "-"
+                                              for k in THREAD_CLASSES))
+    return table
 
 
 def hops_table(report: dict[str, dict[str, float]], classes: list[str], pauses: list[float],

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(openvswitch-switch etcd-server etcd-client iputils-ping iputils-arping
-              ethtool iproute2 tcpdump procps)
+              ethtool iproute2 tcpdump procps linux-perf)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

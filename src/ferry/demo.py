@@ -37,6 +37,7 @@ from ferry.probe.capture import Capture, Hops, hops
 from ferry.probe.records import ProbeData
 from ferry.probe.report import build_report
 from ferry.probe.runner import OUTSIDE, PROBE_RT_PRIORITY, Probe, now_ns
+from ferry.probe.sched import SchedTrace
 
 console = Console(width=120)  # the summary table is wider than a pipe's default 80
 
@@ -68,6 +69,9 @@ class MigrationResult:
     activation's switch waits for one) retranslates all of them."""
     hops: list[Hops] = field(default_factory=list)
     """With a capture: per client, where its first packet after the resume waited."""
+    first_sends: list[tuple[str, int, int]] = field(default_factory=list)
+    """Per client, its first packet sent after the resume: (client, when it was due, when it
+    was sent), CLOCK_MONOTONIC ns; what ran in between: :mod:`ferry.probe.sched`."""
 
 
 OVS_RT_PRIORITY = PROBE_RT_PRIORITY + 10
@@ -219,7 +223,17 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                            report.downtime_ms, report.downtime_beyond_pause_ms, total.lost,
                            total.duplicated, total.reordered, convergence_ms(run), str(plot),
                            run.mode, by_class, switch.downtime_beyond_pause_ms, dest_flows,
-                           found)
+                           found, first_sends(data, int(run.events["resumed"])))
+
+
+def first_sends(data: ProbeData, resumed_ns: int) -> list[tuple[str, int, int]]:
+    """Per client, (name, due, sent) of its first packet sent at or after the resume."""
+    out = []
+    for c in data.clients:
+        first = min(((t, late) for _, t, late in c.sent if t >= resumed_ns), default=None)
+        if first is not None:
+            out.append((c.name, first[0] - first[1], first[0]))
+    return out
 
 
 def _worst(values: list[float]) -> float:
@@ -244,7 +258,8 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                    clients_per_class: int = 1, links: str = "steady",
                    background: int = 0, capture: bool = False,
                    ovs_rt_priority: int = 0, expedite_rcu: bool = False,
-                   classes: Sequence[str] | None = None) -> list[MigrationResult]:
+                   classes: Sequence[str] | None = None,
+                   sched: SchedTrace | None = None) -> list[MigrationResult]:
     """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause).
     ``links``: how the VIFs show the pause and resume (:data:`ferry.lab.migrate.LINKS`,
     checked by :func:`ferry.lab.migrate.pre_migration`). ``background``: about that many
@@ -255,7 +270,8 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
     ``expedite_rcu``: the host's RCU grace periods expedited while the lab runs
     (:mod:`ferry.lab.host`: no port-deletion stall in the userspace datapath). ``classes``:
     the traffic classes the probe sends (default all of :data:`TRAFFIC_CLASSES`); the lab
-    and its topology are the same, only the probe's load changes."""
+    and its topology are the same, only the probe's load changes. ``sched``: traced from the
+    first migration to the last (who ran on which CPU, :mod:`ferry.probe.sched`)."""
     plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
     console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}, ovs-vswitchd "
@@ -290,6 +306,9 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                 console.print("background: datapath flows per chassis " + ", ".join(
                     f"{n} {datapath_flows(lab, n)}" for n in names), highlight=False)
             results = []
+            if sched is not None:  # the migrations only, not the lab's building
+                await asyncio.to_thread(sched.start)
+                stack.push_async_callback(asyncio.to_thread, sched.stop)
             here = names[0]
             moves = 0
             for i, (mode, pause) in enumerate(plan):
