@@ -14,8 +14,6 @@ machine, and compare with `bench/migration.py`'s tails.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import os
 import subprocess
@@ -25,24 +23,18 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-PR_SET_TIMERSLACK = 29
-PERIOD_NS = 1_000_000
+from ferry.probe.hostwatch import PERIOD_NS, realtime_on, sleep_until
 
 
 def measure(cpu: int, seconds: float, priority: int) -> list[int]:
     """Wake-up lateness (ns) of a 1 kHz SCHED_FIFO sleeper pinned to ``cpu``."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)  # 1 µs, not 50 µs
-    os.sched_setaffinity(0, {cpu})
-    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    realtime_on(cpu, priority)
     late = []
     due = time.monotonic_ns()
     end = due + int(seconds * 1e9)
     while due < end:
         due += PERIOD_NS
-        while (left := due - time.monotonic_ns()) > 0:
-            time.sleep(left / 1e9)
-        late.append(time.monotonic_ns() - due)
+        late.append(sleep_until(due))
     return late
 
 

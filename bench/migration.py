@@ -25,11 +25,15 @@ the VM's floating IP over the external network), per mode and per pause:
 - with ``--sched`` (:mod:`ferry.probe.sched`, a host-wide ``perf`` sched_switch trace): how
   many clients sent their first packet after the resume more than 0.2 ms late, and who held
   the CPUs meanwhile (each chassis' ovs-vswitchd main thread, its revalidators, the probe, the
-  lab's hypervisor, anything else, or nothing), as shares of those cores' time.
+  lab's hypervisor, anything else, or nothing), as shares of those cores' time;
+- with ``--host-watch`` (:mod:`ferry.probe.hostwatch`, a SCHED_FIFO 98 sleeper per CPU, above
+  everything the lab runs): how many runs had the host itself stall 1 ms or more within their
+  window (a wake-up that late is the kernel's or the VM host's, not the lab's load), and the
+  downtime figures of the other runs beside those of all.
 
     .venv/bin/python bench/migration.py --migrations 10 [--store etcd] [--pause-ms 50]
         [--background-flows 1000] [--hops] [--ovs-rt-priority 20] [--normal-rcu]
-        [--classes L2,L3,FIP] [--sched]
+        [--classes L2,L3,FIP] [--sched] [--host-watch]
 
 Every ovs-vswitchd runs at SCHED_FIFO ``--ovs-rt-priority`` (default: above the probe's
 clients, see ferry.demo.OVS_RT_PRIORITY; 0: normal scheduling). The host's RCU grace periods
@@ -57,9 +61,12 @@ from ferry.demo import (
 )
 from ferry.lab.migrate import IN_PLACE, LINKS
 from ferry.probe.background import MAX_BACKGROUND_FLOWS
+from ferry.probe.hostwatch import HostWatch, worst_within
 from ferry.probe.runner import PROBE_RT_PRIORITY
 from ferry.probe.sched import THREAD_CLASSES, SchedTrace, while_late
 
+HOST_STALL_NS = 1_000_000
+"""A wake-up of the host watcher this late (or later) within a run's window marks the run."""
 LATE_NS = 200_000
 """A first send after the resume this late (or later) counts as late in the ``--sched`` table."""
 
@@ -131,6 +138,9 @@ def main() -> None:
     ap.add_argument("--sched", action="store_true",
                     help="trace the host's scheduler (perf) during the migrations and show "
                          "who held the CPUs while the probe's clients sent late at the resume")
+    ap.add_argument("--host-watch", action="store_true",
+                    help="watch the host's own stalls (a SCHED_FIFO 98 sleeper per CPU) and "
+                         "show the figures of the runs it did not stall beside those of all")
     ap.add_argument("--out", type=Path, default=Path("out/bench-migration"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -153,13 +163,14 @@ def main() -> None:
         (modes[i % len(modes)], pause) for pause in pauses
         for i in range(a.migrations * len(modes))]
     sched = SchedTrace(a.out / "sched.data") if a.sched else None
+    watch = HostWatch(a.out / "hostwatch") if a.host_watch else None
     results = asyncio.run(run_demo(a.chassis, a.store, len(plan), a.pause_ms,
                                    a.unplug_delay_ms, a.rate_hz, a.out, plan=plan,
                                    clients_per_class=a.clients, links=a.links,
                                    background=a.background_flows, capture=a.hops,
                                    ovs_rt_priority=a.ovs_rt_priority,
                                    expedite_rcu=not a.normal_rcu, classes=classes,
-                                   sched=sched))
+                                   sched=sched, host_watch=watch))
     console = Console(width=150)
     console.print(summary(results, f"store {a.store}"))
     table = Table(title=f"downtime beyond the pause per traffic class, store {a.store}, "
@@ -187,6 +198,8 @@ def main() -> None:
         console.print(hops_table(report, classes, pauses, modes))
     if sched is not None:
         console.print(sched_table(sched, results, plan, classes, pauses, modes))
+    if watch is not None:
+        console.print(host_table(watch, results, plan, classes, pauses, modes))
     (a.out / "bench.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(a).items()}, "figures": report}, indent=1))
 
@@ -199,6 +212,37 @@ def add_row(table: Table, cls: str, mode: str, pause: float, f: dict[str, float]
                   *(str(int(f[k])) for k in ("lost", "duplicated", "reordered")),
                   f"{f.get('dest_flows_p50', float('nan')):.0f}",
                   f"{f.get('late_max', float('nan')):.1f}")
+
+
+def host_table(watch: HostWatch, results: list[MigrationResult],
+               plan: list[tuple[str | None, float]], classes: list[str], pauses: list[float],
+               modes: list[str]) -> Table:
+    stalls = watch.stalls()
+    table = Table(title=f"downtime beyond the pause (ms) of the runs the host did not stall "
+                        f"(no wake-up of a SCHED_FIFO 98 sleeper {HOST_STALL_NS / 1e6:g} ms "
+                        "late or more within the run's window), beside all runs")
+    for col in ("class", "mode", "pause ms", "host-stalled runs", "worst stall ms", "p50",
+                "p99", "max", "all: p99", "all: max"):
+        table.add_column(col, justify="right")
+    for cls in classes:
+        for pause in pauses:
+            for mode in modes:
+                rs = [r for r, (m, p) in zip(results, plan, strict=True)
+                      if m == mode and p == pause and cls in r.by_class]
+                stall = {r.number: worst_within(stalls, *r.window_ns) for r in rs}
+                calm = [r.by_class[cls]["beyond_pause_ms"] for r in rs
+                        if stall[r.number] < HOST_STALL_NS]
+                every = [r.by_class[cls]["beyond_pause_ms"] for r in rs]
+                hit = len(rs) - len(calm)
+
+                def fig(vs: list[float], q: float) -> str:
+                    return f"{pct(vs, q):.1f}" if vs else "-"
+
+                table.add_row(cls, mode, f"{pause:g}", f"{hit}/{len(rs)}",
+                              f"{max(stall.values(), default=0) / 1e6:.1f}", fig(calm, 0.5),
+                              fig(calm, 0.99), fig(calm, 1.0), fig(every, 0.99),
+                              fig(every, 1.0))
+    return table
 
 
 def sched_table(sched: SchedTrace, results: list[MigrationResult],

@@ -34,6 +34,7 @@ from ferry.lab.ovs_instance import OvsError
 from ferry.lab.services import start_control_plane
 from ferry.probe.background import MAX_BACKGROUND_FLOWS, background_flows, datapath_flows
 from ferry.probe.capture import Capture, Hops, hops
+from ferry.probe.hostwatch import HostWatch
 from ferry.probe.records import ProbeData
 from ferry.probe.report import build_report
 from ferry.probe.runner import OUTSIDE, PROBE_RT_PRIORITY, Probe, now_ns
@@ -69,6 +70,8 @@ class MigrationResult:
     activation's switch waits for one) retranslates all of them."""
     hops: list[Hops] = field(default_factory=list)
     """With a capture: per client, where its first packet after the resume waited."""
+    window_ns: tuple[int, int] = (0, 0)
+    """The reported window (CLOCK_MONOTONIC ns): the pause and AROUND_MS on each side."""
     first_sends: list[tuple[str, int, int]] = field(default_factory=list)
     """Per client, its first packet sent after the resume: (client, when it was due, when it
     was sent), CLOCK_MONOTONIC ns; what ran in between: :mod:`ferry.probe.sched`."""
@@ -223,7 +226,9 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                            report.downtime_ms, report.downtime_beyond_pause_ms, total.lost,
                            total.duplicated, total.reordered, convergence_ms(run), str(plot),
                            run.mode, by_class, switch.downtime_beyond_pause_ms, dest_flows,
-                           found, first_sends(data, int(run.events["resumed"])))
+                           found, (pause[0] - int(AROUND_MS * 1e6),
+                                   pause[1] + int(AROUND_MS * 1e6)),
+                           first_sends(data, int(run.events["resumed"])))
 
 
 def first_sends(data: ProbeData, resumed_ns: int) -> list[tuple[str, int, int]]:
@@ -259,7 +264,8 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                    background: int = 0, capture: bool = False,
                    ovs_rt_priority: int = 0, expedite_rcu: bool = False,
                    classes: Sequence[str] | None = None,
-                   sched: SchedTrace | None = None) -> list[MigrationResult]:
+                   sched: SchedTrace | None = None,
+                   host_watch: HostWatch | None = None) -> list[MigrationResult]:
     """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause).
     ``links``: how the VIFs show the pause and resume (:data:`ferry.lab.migrate.LINKS`,
     checked by :func:`ferry.lab.migrate.pre_migration`). ``background``: about that many
@@ -271,7 +277,8 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
     (:mod:`ferry.lab.host`: no port-deletion stall in the userspace datapath). ``classes``:
     the traffic classes the probe sends (default all of :data:`TRAFFIC_CLASSES`); the lab
     and its topology are the same, only the probe's load changes. ``sched``: traced from the
-    first migration to the last (who ran on which CPU, :mod:`ferry.probe.sched`)."""
+    first migration to the last (who ran on which CPU, :mod:`ferry.probe.sched`);
+    ``host_watch``: the host's own stalls over the same time (:mod:`ferry.probe.hostwatch`)."""
     plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
     console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}, ovs-vswitchd "
@@ -309,6 +316,9 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
             if sched is not None:  # the migrations only, not the lab's building
                 await asyncio.to_thread(sched.start)
                 stack.push_async_callback(asyncio.to_thread, sched.stop)
+            if host_watch is not None:
+                await asyncio.to_thread(host_watch.start)
+                stack.push_async_callback(asyncio.to_thread, host_watch.stop)
             here = names[0]
             moves = 0
             for i, (mode, pause) in enumerate(plan):
