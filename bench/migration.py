@@ -46,6 +46,7 @@ import argparse
 import asyncio
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -196,10 +197,11 @@ def main() -> None:
     console.print(table)
     if a.hops:
         console.print(hops_table(report, classes, pauses, modes))
+    grid = list(cells(results, plan, classes, pauses, modes))
     if sched is not None:
-        console.print(sched_table(sched, results, plan, classes, pauses, modes))
+        console.print(sched_table(sched, grid))
     if watch is not None:
-        console.print(host_table(watch, results, plan, classes, pauses, modes))
+        console.print(host_table(watch, grid))
     (a.out / "bench.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(a).items()}, "figures": report}, indent=1))
 
@@ -214,9 +216,21 @@ def add_row(table: Table, cls: str, mode: str, pause: float, f: dict[str, float]
                   f"{f.get('late_max', float('nan')):.1f}")
 
 
-def host_table(watch: HostWatch, results: list[MigrationResult],
-               plan: list[tuple[str | None, float]], classes: list[str], pauses: list[float],
-               modes: list[str]) -> Table:
+def cells(results: list[MigrationResult], plan: list[tuple[str | None, float]],
+          classes: list[str], pauses: list[float], modes: list[str]
+          ) -> Iterator[tuple[str, float, str, list[MigrationResult]]]:
+    """(class, pause, mode, the runs of that mode and pause) in the tables' order."""
+    for cls in classes:
+        for pause in pauses:
+            for mode in modes:
+                yield cls, pause, mode, [r for r, (m, p) in zip(results, plan, strict=True)
+                                         if m == mode and p == pause]
+
+
+Cell = tuple[str, float, str, list[MigrationResult]]
+
+
+def host_table(watch: HostWatch, grid: list[Cell]) -> Table:
     stalls = watch.stalls()
     table = Table(title=f"downtime beyond the pause (ms) of the runs the host did not stall "
                         f"(no wake-up of a SCHED_FIFO 98 sleeper {HOST_STALL_NS / 1e6:g} ms "
@@ -224,30 +238,23 @@ def host_table(watch: HostWatch, results: list[MigrationResult],
     for col in ("class", "mode", "pause ms", "host-stalled runs", "worst stall ms", "p50",
                 "p99", "max", "all: p99", "all: max"):
         table.add_column(col, justify="right")
-    for cls in classes:
-        for pause in pauses:
-            for mode in modes:
-                rs = [r for r, (m, p) in zip(results, plan, strict=True)
-                      if m == mode and p == pause and cls in r.by_class]
-                stall = {r.number: worst_within(stalls, *r.window_ns) for r in rs}
-                calm = [r.by_class[cls]["beyond_pause_ms"] for r in rs
-                        if stall[r.number] < HOST_STALL_NS]
-                every = [r.by_class[cls]["beyond_pause_ms"] for r in rs]
-                hit = len(rs) - len(calm)
 
-                def fig(vs: list[float], q: float) -> str:
-                    return f"{pct(vs, q):.1f}" if vs else "-"
+    def fig(vs: list[float], q: float) -> str:
+        return f"{pct(vs, q):.1f}" if vs else "-"
 
-                table.add_row(cls, mode, f"{pause:g}", f"{hit}/{len(rs)}",
-                              f"{max(stall.values(), default=0) / 1e6:.1f}", fig(calm, 0.5),
-                              fig(calm, 0.99), fig(calm, 1.0), fig(every, 0.99),
-                              fig(every, 1.0))
+    for cls, pause, mode, runs in grid:
+        rs = [r for r in runs if cls in r.by_class]
+        stall = {r.number: worst_within(stalls, *r.window_ns) for r in rs}
+        calm = [r.by_class[cls]["beyond_pause_ms"] for r in rs
+                if stall[r.number] < HOST_STALL_NS]
+        every = [r.by_class[cls]["beyond_pause_ms"] for r in rs]
+        table.add_row(cls, mode, f"{pause:g}", f"{len(rs) - len(calm)}/{len(rs)}",
+                      f"{max(stall.values(), default=0) / 1e6:.1f}", fig(calm, 0.5),
+                      fig(calm, 0.99), fig(calm, 1.0), fig(every, 0.99), fig(every, 1.0))
     return table
 
 
-def sched_table(sched: SchedTrace, results: list[MigrationResult],
-                plan: list[tuple[str | None, float]], classes: list[str], pauses: list[float],
-                modes: list[str]) -> Table:
+def sched_table(sched: SchedTrace, grid: list[Cell]) -> Table:
     cpus = sched.read()
     table = Table(title=f"the first packet after the resume, per class: clients that sent it "
                         f"{LATE_NS / 1e6:g} ms late or more (all runs), how late (p50 of "
@@ -255,18 +262,15 @@ def sched_table(sched: SchedTrace, results: list[MigrationResult],
                         f"time, {len(cpus)} CPUs)")
     for col in ("class", "mode", "pause ms", "late", "late p50 ms", *THREAD_CLASSES):
         table.add_column(col, justify="right")
-    for cls in classes:
-        for pause in pauses:
-            for mode in modes:
-                sends = [(due, sent) for r, (m, p) in zip(results, plan, strict=True)
-                         if m == mode and p == pause
-                         for client, due, sent in r.first_sends if class_of(client) == cls]
-                late = [(due, sent) for due, sent in sends if sent - due >= LATE_NS]
-                held, span = while_late(cpus, late)
-                p50 = pct([(s - d) / 1e6 for d, s in late], 0.5) if late else float("nan")
-                table.add_row(cls, mode, f"{pause:g}", f"{len(late)}/{len(sends)}",
-                              f"{p50:.2f}", *(f"{100 * held[k] / span:.0f}" if span else "-"
-                                              for k in THREAD_CLASSES))
+    for cls, pause, mode, runs in grid:
+        sends = [(due, sent) for r in runs
+                 for client, due, sent in r.first_sends if class_of(client) == cls]
+        late = [(due, sent) for due, sent in sends if sent - due >= LATE_NS]
+        held, span = while_late(cpus, late)
+        p50 = pct([(s - d) / 1e6 for d, s in late], 0.5) if late else float("nan")
+        table.add_row(cls, mode, f"{pause:g}", f"{len(late)}/{len(sends)}", f"{p50:.2f}",
+                      *(f"{100 * held[k] / span:.0f}" if span else "-"
+                        for k in THREAD_CLASSES))
     return table
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from ferry.probe.hostwatch import HostWatch, worst_within
+from tests.recording import run_while_recording
 
 MS = 1_000_000
 
@@ -32,13 +31,7 @@ print(t0, time.monotonic_ns())
 
 def test_a_thread_above_the_watcher_shows_as_a_stall_of_its_length(tmp_path: Path) -> None:
     watch = HostWatch(tmp_path)
-    watch.start()
-    try:
-        out = subprocess.run([sys.executable, "-c", HOG], capture_output=True, text=True,
-                             check=True, timeout=30).stdout
-    finally:
-        watch.stop()
-    t0, t1 = map(int, out.split())
+    t0, t1 = run_while_recording(watch, HOG)
     on_cpu0 = [(due, late) for cpu, due, late in watch.stalls() if cpu == 0]
     # The 5 ms the hog held CPU 0 at SCHED_FIFO 99: one wake-up due within it, late to its end.
     assert any(t0 - MS <= due <= t0 + MS and due + late >= t1 - MS // 2

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from ferry.probe.sched import SchedTrace, Slice, kernel_prio, occupancy, parse, thread_class
+from tests.recording import run_while_recording
 
 
 def switch(cpu: int, us: int, prev: tuple[str, int, int], nxt: tuple[str, int, int]) -> str:
@@ -95,13 +94,7 @@ MS = 1_000_000
 def test_a_real_trace_sees_a_thread_run_sleep_and_run_on_the_probes_clock(
         tmp_path: Path) -> None:
     trace = SchedTrace(tmp_path / "sched.data")
-    trace.start()
-    try:
-        out = subprocess.run([sys.executable, "-c", BURNER], capture_output=True, text=True,
-                             check=True, timeout=30).stdout
-    finally:
-        trace.stop()
-    t_sleep, t_woke, t_done = map(int, out.split())
+    t_sleep, t_woke, t_done = run_while_recording(trace, BURNER)
     cpus = trace.read()
 
     def busy(a: int, b: int) -> float:
