@@ -99,9 +99,9 @@ def _realtime(prio: int) -> str:
 
 def _drop_realtime() -> None:
     """Back to normal scheduling once the timed part is done. What a process still does
-    after it (here: report, then the interpreter's exit, about 5 ms of CPU) would otherwise
-    hold a core above the probe's clients, and OVS, right when the VM's first packets after
-    the resume are sent."""
+    after it (a report, the interpreter's exit: 5-10 ms of CPU) would otherwise hold a core
+    above everything below its priority: for the hypervisor, the probe's clients and OVS
+    right when the VM's first packets after the resume are sent."""
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
@@ -271,6 +271,9 @@ class Client:
             self.drain()
             self.recs.maybe_flush(now)
             self.clock.maybe_resync(now)
+        # The pacing is over: what is left (late echoes, the records, the interpreter's exit,
+        # 6-10 ms of CPU) need not outrank anything.
+        _drop_realtime()
         # collect late echoes for a moment (bounded), then stop
         grace = time.monotonic_ns() + int(args.linger_ms * 1e6)
         while time.monotonic_ns() < grace:  # also after SIGTERM: bounded
