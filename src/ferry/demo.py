@@ -64,7 +64,7 @@ class MigrationResult:
     reordered."""
     switch_beyond_ms: float | None = None
     """Downtime beyond the pause up to Nova's source unplug: the switch itself, without the
-    forwarding stall that deleting a port causes in OVS's userspace datapath (ARCHITECTURE)."""
+    forwarding stall that deleting a port causes in OVS's userspace datapath (docs/measuring.md)."""
     dest_flows: int | None = None
     """Datapath flows on the destination just before: each revalidation round there (the
     activation's switch waits for one) retranslates all of them."""
