@@ -23,7 +23,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from ferry.probe.hostwatch import PERIOD_NS, realtime_on, sleep_until
+from ferry.probe.agent import sleep_until
+from ferry.probe.hostwatch import PERIOD_NS, realtime_on
 
 
 def measure(cpu: int, seconds: float, priority: int) -> list[int]:

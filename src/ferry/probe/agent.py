@@ -106,7 +106,7 @@ def _drop_realtime() -> None:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
-def _tight_timers() -> None:
+def tight_timers() -> None:
     """Ask for 1 µs timer slack (the default 50 µs makes sleeps overshoot)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -306,12 +306,13 @@ def _set_up(sock: socket.socket, dev: str, up: bool) -> None:
     fcntl.ioctl(sock, SIOCSIFFLAGS, _IFREQ.pack(name, flags))
 
 
-def _sleep_until(due_ns: int) -> None:
-    """Sleep until CLOCK_MONOTONIC reaches ``due_ns`` (again if woken early). No spinning: the
-    hypervisor runs at real-time priority, where a spin would hold a core at the very moment
-    measured, and its timer wake-up is prompt."""
+def sleep_until(due_ns: int) -> int:
+    """Sleep until CLOCK_MONOTONIC reaches ``due_ns`` (again if woken early); how late the
+    wake-up was (ns). No spinning: the hypervisor runs at real-time priority, where a spin
+    would hold a core at the very moment measured, and its timer wake-up is prompt."""
     while (left := due_ns - time.monotonic_ns()) > 0:
         time.sleep(left / 1e9)
+    return time.monotonic_ns() - due_ns
 
 
 def run_flap(args: argparse.Namespace) -> int:
@@ -323,7 +324,7 @@ def run_flap(args: argparse.Namespace) -> int:
     t0 = time.monotonic_ns()
     _set_up(sock, args.dev, False)
     t_down = time.monotonic_ns()
-    _sleep_until(t0 + int(args.down_ms * 1e6))
+    sleep_until(t0 + int(args.down_ms * 1e6))
     t_up0 = time.monotonic_ns()
     _set_up(sock, args.dev, True)
     t1 = time.monotonic_ns()
@@ -373,7 +374,7 @@ def run_move(args: argparse.Namespace) -> int:
     else:
         _set_up(sock, args.down, False)
     t_down = time.monotonic_ns()
-    _sleep_until(t0 + int(args.pause_ms * 1e6))
+    sleep_until(t0 + int(args.pause_ms * 1e6))
     if resumer is not None:
         # QEMU announces before it starts the vCPUs (process_incoming_migration_bh calls
         # qemu_announce_self, then vm_start): the RARP leaves before the guest runs.
@@ -442,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    _tight_timers()
+    tight_timers()
     if args.role == "flap":
         return run_flap(args)
     if args.role == "move":

@@ -13,8 +13,6 @@ wake-up at least ``--record-us`` late.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import os
 import signal
 import struct
@@ -24,22 +22,15 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from ferry.probe.agent import sleep_until, tight_timers
+
 PRIORITY = 98
 PERIOD_NS = 1_000_000
 RECORD = struct.Struct("<qq")
-PR_SET_TIMERSLACK = 29
-
-
-def sleep_until(due: int) -> int:
-    """Sleep to ``due`` (CLOCK_MONOTONIC ns); how late the wake-up was."""
-    while (left := due - time.monotonic_ns()) > 0:
-        time.sleep(left / 1e9)
-    return time.monotonic_ns() - due
 
 
 def realtime_on(cpu: int, priority: int = PRIORITY) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)  # 1 µs, not 50 µs
+    tight_timers()
     os.sched_setaffinity(0, {cpu})
     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
 
