@@ -120,7 +120,7 @@ def occupancy(cpus: dict[int, list[Slice]], a: int, b: int) -> Counter[str]:
     """ns per thread class within [a, b), summed over the CPUs."""
     held: Counter[str] = Counter()
     for slices in cpus.values():
-        i = max(0, bisect.bisect_right([s.start for s in slices], a) - 1)
+        i = max(0, bisect.bisect_right(slices, a, key=lambda s: s.start) - 1)
         while i < len(slices) and slices[i].start < b:
             s = slices[i]
             overlap = min(s.end, b) - max(s.start, a)
