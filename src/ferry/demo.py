@@ -36,7 +36,7 @@ from ferry.probe.background import MAX_BACKGROUND_FLOWS, background_flows, datap
 from ferry.probe.capture import Capture, Hops, hops
 from ferry.probe.hostwatch import HostWatch
 from ferry.probe.records import ProbeData
-from ferry.probe.report import build_report
+from ferry.probe.report import build_report, downtime_window
 from ferry.probe.runner import OUTSIDE, PROBE_RT_PRIORITY, Probe, now_ns
 from ferry.probe.sched import SchedTrace
 
@@ -226,8 +226,7 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                            report.downtime_ms, report.downtime_beyond_pause_ms, total.lost,
                            total.duplicated, total.reordered, convergence_ms(run), str(plot),
                            run.mode, by_class, switch.downtime_beyond_pause_ms, dest_flows,
-                           found, (pause[0] - int(AROUND_MS * 1e6),
-                                   pause[1] + int(AROUND_MS * 1e6)),
+                           found, downtime_window(pause, int(AROUND_MS * 1e6)),
                            first_sends(data, int(run.events["resumed"])))
 
 

@@ -200,6 +200,11 @@ def find_downtime(cd: ClientData, firsts: Sequence[tuple[int, int, int]],
     return Gap(a, b, recovered, lost)
 
 
+def downtime_window(pause: tuple[int, int], around_ns: int) -> tuple[int, int]:
+    """Where a client's downtime is searched: the pause and ``around_ns`` on each side."""
+    return pause[0] - around_ns, pause[1] + around_ns
+
+
 def client_report(cd: ClientData, pause: tuple[int, int] | None,
                   around_ns: int, until_ns: int | None = None) -> ClientReport:
     r = ClientReport(cd.name, cd.probe_id)
@@ -225,7 +230,7 @@ def client_report(cd: ClientData, pause: tuple[int, int] | None,
         r.jitter_us = statistics.fmean(abs(b - a) for a, b in itertools.pairwise(lat))
     rtt = [(t_back - t_send) / 1e3 for _, t_send, t_back in cd.echoed]
     r.rtt_p50_us = statistics.median(rtt) if rtt else 0.0
-    window = None if pause is None else (pause[0] - around_ns, pause[1] + around_ns)
+    window = None if pause is None else downtime_window(pause, around_ns)
     if window is not None and until_ns is not None:
         window = (window[0], max(pause[1], min(window[1], until_ns)))  # type: ignore[index]
     r.downtime = find_downtime(cd, firsts, window)
