@@ -216,18 +216,17 @@ def add_row(table: Table, cls: str, mode: str, pause: float, f: dict[str, float]
                   f"{f.get('late_max', float('nan')):.1f}")
 
 
+Cell = tuple[str, float, str, list[MigrationResult]]
+
+
 def cells(results: list[MigrationResult], plan: list[tuple[str | None, float]],
-          classes: list[str], pauses: list[float], modes: list[str]
-          ) -> Iterator[tuple[str, float, str, list[MigrationResult]]]:
+          classes: list[str], pauses: list[float], modes: list[str]) -> Iterator[Cell]:
     """(class, pause, mode, the runs of that mode and pause) in the tables' order."""
     for cls in classes:
         for pause in pauses:
             for mode in modes:
                 yield cls, pause, mode, [r for r, (m, p) in zip(results, plan, strict=True)
                                          if m == mode and p == pause]
-
-
-Cell = tuple[str, float, str, list[MigrationResult]]
 
 
 def host_table(watch: HostWatch, grid: list[Cell]) -> Table:
