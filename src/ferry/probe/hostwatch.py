@@ -4,7 +4,7 @@ wake-up that came late. Nothing in the lab can delay it by more than an interrup
 wake-up is the kernel or, in a VM, the host not running the vCPU. A probe client that needed
 the CPU at that moment was held as long, migration or not.
 
-    python -m ferry.probe.hostwatch --cpu N --out FILE [--seconds S]   # one CPU's watcher
+    python -m ferry.probe.hostwatch --cpu N --out FILE [--seconds S]   # until SIGTERM
 
 Records (``FILE``, little-endian): ``due i64 | late i64`` (CLOCK_MONOTONIC ns), for every
 wake-up at least ``--record-us`` late.
@@ -13,6 +13,7 @@ wake-up at least ``--record-us`` late.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import struct
@@ -27,6 +28,7 @@ from ferry.probe.agent import sleep_until, tight_timers
 PRIORITY = 98
 PERIOD_NS = 1_000_000
 RECORD = struct.Struct("<qq")
+PR_SET_PDEATHSIG = 1
 
 
 def realtime_on(cpu: int, priority: int = PRIORITY) -> None:
@@ -104,15 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--record-us", type=float, default=200.0)
-    p.add_argument("--seconds", type=float, default=3600.0)
+    p.add_argument("--seconds", type=float, help="stop after this long (default: on SIGTERM)")
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_term)
+    # A watcher whose parent died (a killed bench) must not spin on at SCHED_FIFO 98.
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before the line above
+        return 0
     realtime_on(a.cpu)
     threshold = int(a.record_us * 1000)
     with a.out.open("wb", buffering=0) as f:
         due = time.monotonic_ns()
-        end = due + int(a.seconds * 1e9)
-        while not _Stop.requested and due < end:
+        end = None if a.seconds is None else due + int(a.seconds * 1e9)
+        while not _Stop.requested and (end is None or due < end):
             due += PERIOD_NS
             late = sleep_until(due)
             if late >= threshold:
