@@ -312,12 +312,14 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                 console.print("background: datapath flows per chassis " + ", ".join(
                     f"{n} {datapath_flows(lab, n)}" for n in names), highlight=False)
             results = []
+            # Both started from this thread, which lives as long as the run: what they start
+            # exits when the thread that started it does (PR_SET_PDEATHSIG).
             if sched is not None:  # the migrations only, not the lab's building
-                await asyncio.to_thread(sched.start)
+                sched.start()
                 stack.push_async_callback(asyncio.to_thread, sched.stop)
             if host_watch is not None:
-                await asyncio.to_thread(host_watch.start)
-                stack.push_async_callback(asyncio.to_thread, host_watch.stop)
+                host_watch.start()
+                stack.callback(host_watch.stop)
             here = names[0]
             moves = 0
             for i, (mode, pause) in enumerate(plan):

@@ -146,17 +146,19 @@ class SchedTrace:
         if shutil.which("perf") is None:
             raise SchedError("perf not found: install linux-perf (scripts/install.sh does)")
         self.path.unlink(missing_ok=True)
-        self._proc = subprocess.Popen(
-            ["perf", "record", "-q", "-e", "sched:sched_switch", "-e", "sched:sched_wakeup",
-             "-a", "-k", "mono",
-             "-o", str(self.path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = self.path.with_suffix(".log")
+        # setpriv: a perf whose parent died (a killed bench) stops instead of recording on.
+        with log.open("wb") as err:
+            self._proc = subprocess.Popen(
+                ["setpriv", "--pdeathsig", "INT", "perf", "record", "-q", "-e",
+                 "sched:sched_switch", "-e", "sched:sched_wakeup", "-a", "-k", "mono", "-o",
+                 str(self.path)], stdout=subprocess.DEVNULL, stderr=err)
         # perf writes the file's header once its events are set up on every CPU.
         deadline = time.monotonic() + within_s
         while not (self.path.exists() and self.path.stat().st_size > 0):
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode() if self._proc.stderr else ""
                 raise SchedError(f"perf record exited with {self._proc.returncode}: "
-                                 f"{err.strip()[:300]}")
+                                 f"{log.read_text(errors='replace').strip()[:300]}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise SchedError(f"perf record did not start within {within_s:g} s")
