@@ -18,25 +18,17 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from rich.console import Console
 from rich.table import Table
 
-from ferry.probe.agent import sleep_until
-from ferry.probe.hostwatch import PERIOD_NS, realtime_on
+from ferry.probe.hostwatch import PERIOD_NS, realtime_on, wake_ups
 
 
 def measure(cpu: int, seconds: float, priority: int) -> list[int]:
     """Wake-up lateness (ns) of a 1 kHz SCHED_FIFO sleeper pinned to ``cpu``."""
     realtime_on(cpu, priority)
-    late = []
-    due = time.monotonic_ns()
-    end = due + int(seconds * 1e9)
-    while due < end:
-        due += PERIOD_NS
-        late.append(sleep_until(due))
-    return late
+    return [late for _, late in wake_ups(seconds)]
 
 
 def pct(values: list[int], q: float) -> float:

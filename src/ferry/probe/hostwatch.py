@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -87,6 +88,20 @@ class HostWatch:
         return sorted(out, key=lambda s: s[1])
 
 
+def wake_ups(seconds: float | None = None) -> Iterator[tuple[int, int]]:
+    """(due, late) of every wake-up of a sleeper to each millisecond, for ``seconds`` (None:
+    until SIGTERM). After a stall it carries on from now: the slots it missed are not woken
+    for, in a burst that would count one stall many times."""
+    due = time.monotonic_ns()
+    end = None if seconds is None else due + int(seconds * 1e9)
+    while not _Stop.requested and (end is None or due < end):
+        due += PERIOD_NS
+        late = sleep_until(due)
+        yield due, late
+        if late > PERIOD_NS:
+            due += (late // PERIOD_NS) * PERIOD_NS
+
+
 def worst_within(stalls: list[tuple[int, int, int]], a: int, b: int) -> int:
     """The latest wake-up (ns) of any CPU whose lateness overlaps [a, b]; 0 if none."""
     return max((late for _, due, late in stalls if due <= b and due + late >= a), default=0)
@@ -116,15 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     realtime_on(a.cpu)
     threshold = int(a.record_us * 1000)
     with a.out.open("wb", buffering=0) as f:
-        due = time.monotonic_ns()
-        end = None if a.seconds is None else due + int(a.seconds * 1e9)
-        while not _Stop.requested and (end is None or due < end):
-            due += PERIOD_NS
-            late = sleep_until(due)
+        for due, late in wake_ups(a.seconds):
             if late >= threshold:
                 f.write(RECORD.pack(due, late))
-            if late > PERIOD_NS:  # a long stall: carry on from now, not in a burst
-                due += (late // PERIOD_NS) * PERIOD_NS
     return 0
 
 
