@@ -26,6 +26,9 @@ the VM's floating IP over the external network), per mode and per pause:
   many clients sent their first packet after the resume more than 0.2 ms late, and who held
   the CPUs meanwhile (each chassis' ovs-vswitchd main thread, its revalidators, the probe, the
   lab's hypervisor, anything else, or nothing), as shares of those cores' time;
+- with ``--binding-activation before-unplug`` or ``at-pause``: Nova's own orders, where the
+  destination binding (the spec's step 3) is activated before the source unplug, or already
+  when libvirt reports the source paused (ferry.lab.migrate.BINDING_ACTIVATIONS);
 - with ``--host-watch`` (:mod:`ferry.probe.hostwatch`, a SCHED_FIFO 98 sleeper per CPU, above
   everything the lab runs): how many runs had the host itself stall 1 ms or more within their
   window (a wake-up that late is the kernel's or the VM host's, not the lab's load), and the
@@ -34,6 +37,7 @@ the VM's floating IP over the external network), per mode and per pause:
     .venv/bin/python bench/migration.py --migrations 10 [--store etcd] [--pause-ms 50]
         [--background-flows 1000] [--hops] [--ovs-rt-priority 20] [--normal-rcu]
         [--classes L2,L3,FIP] [--sched] [--host-watch]
+        [--binding-activation after-unplug|before-unplug|at-pause]
 
 Every ovs-vswitchd runs at SCHED_FIFO ``--ovs-rt-priority`` (default: above the probe's
 clients, see ferry.demo.OVS_RT_PRIORITY; 0: normal scheduling). The host's RCU grace periods
@@ -60,7 +64,7 @@ from ferry.demo import (
     run_demo,
     summary,
 )
-from ferry.lab.migrate import IN_PLACE, LINKS
+from ferry.lab.migrate import BINDING_ACTIVATIONS, IN_PLACE, LINKS
 from ferry.probe.background import MAX_BACKGROUND_FLOWS
 from ferry.probe.hostwatch import HostWatch, worst_within
 from ferry.probe.runner import PROBE_RT_PRIORITY
@@ -142,6 +146,11 @@ def main() -> None:
     ap.add_argument("--host-watch", action="store_true",
                     help="watch the host's own stalls (a SCHED_FIFO 98 sleeper per CPU) and "
                          "show the figures of the runs it did not stall beside those of all")
+    ap.add_argument("--binding-activation", choices=BINDING_ACTIVATIONS, default="after-unplug",
+                    help="when Nova activates the destination's port binding: after-unplug "
+                         "(the spec's order), before-unplug (Nova's post-live-migration with "
+                         "port bindings), at-pause (Nova's default: on libvirt's event that "
+                         "the source paused)")
     ap.add_argument("--out", type=Path, default=Path("out/bench-migration"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -171,12 +180,14 @@ def main() -> None:
                                    background=a.background_flows, capture=a.hops,
                                    ovs_rt_priority=a.ovs_rt_priority,
                                    expedite_rcu=not a.normal_rcu, classes=classes,
-                                   sched=sched, host_watch=watch))
+                                   sched=sched, host_watch=watch,
+                                   binding_activation=a.binding_activation))
     console = Console(width=150)
     console.print(summary(results, f"store {a.store}"))
     table = Table(title=f"downtime beyond the pause per traffic class, store {a.store}, "
                         f"{a.rate_hz:.0f} Hz probe, {a.links} VIF links, "
-                        f"{a.background_flows} background flows, ovs-vswitchd at "
+                        f"{a.background_flows} background flows, binding activated "
+                        f"{a.binding_activation}, ovs-vswitchd at "
                         f"{f'SCHED_FIFO {a.ovs_rt_priority}' if a.ovs_rt_priority else 'normal'} "
                         f"priority, {'normal' if a.normal_rcu else 'expedited'} RCU "
                         "(ms); p50/p99/max "

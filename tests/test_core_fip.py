@@ -14,11 +14,13 @@ from ferry.core.apps.fip import MAC_BINDING_COOKIE
 from ferry.core.chassis import ChassisCore
 from ferry.core.pipeline import table
 from ferry.model.objects import (
+    BindingStatus,
     ExternalGateway,
     FloatingIP,
     LogicalSwitch,
     MigrationStatus,
     NetworkType,
+    PortBinding,
     Subnet,
 )
 from ferry.switch.flow import Flow
@@ -155,6 +157,23 @@ def test_the_fip_follows_a_live_migration() -> None:
     assert [(c, p, s["ipv4_src"]) for c, p, s in out] == [("ch3", PATCH, FIP)]
     for core in f.cores.values():
         assert core.desired() == fresh(core).desired(), core.chassis
+
+
+def test_the_rarp_goes_out_when_nova_moved_the_binding_during_the_pause() -> None:
+    """Nova activates the destination's binding on libvirt's event that the source paused:
+    the port can be Local on the destination before the VM runs there, with no activation
+    left to do. The VM's RARP on resume must still reach the external network at once (the
+    agent's gratuitous ARP waits for the controller, which may be after the resume)."""
+    f = with_fip()
+    m = Migrating(f)
+    m.step1()
+    m.port([PortBinding(host="ch2", status=BindingStatus.INACTIVE,
+                        profile={"migrating_to": "ch3"}), PortBinding(host="ch3")])
+    m.record(MigrationStatus.DONE)
+    out = f.send("ch3", m.DST[1], eth_src=B1_MAC, eth_dst="ff:ff:ff:ff:ff:ff",
+                 eth_type=0x8035)
+    assert ("ch3", PATCH) in [(c, p) for c, p, _ in out]
+    assert [(c, p) for c, p, _ in from_outside(f, "ch3", **to_fip())] == [m.DST]
 
 
 def test_only_the_chassis_where_the_vm_runs_announces_the_fip() -> None:

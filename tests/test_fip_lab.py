@@ -61,6 +61,25 @@ while time.monotonic() < end:
         print(f[22:28].hex(":"), flush=True)
 """
 
+# The same for RARPs (QEMU's announcement on resume): print the source MAC of each one seen
+# on argv[1] within argv[2] seconds.
+_RARPS = """
+import socket, sys, time
+dev, secs = sys.argv[1], float(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((dev, 0))
+print("ready", flush=True)
+end = time.monotonic() + secs
+while time.monotonic() < end:
+    s.settimeout(max(0.01, end - time.monotonic()))
+    try:
+        f = s.recv(100)
+    except OSError:
+        continue
+    if f[12:14].hex() == "8035":
+        print(f[6:12].hex(":"), flush=True)
+"""
+
 
 @dataclass
 class Rig:
@@ -193,3 +212,33 @@ async def test_the_floating_ip_follows_a_live_migration(rig: Rig) -> None:
     assert await asyncio.to_thread(rig.source_seen_outside) == rig.fip
     after = await asyncio.to_thread(rig.ping_from_outside, 20, 0.05)
     assert after.received == 20 and after.duplicates == 0
+
+
+async def test_the_rarp_moves_the_fip_when_nova_moved_the_binding_in_the_pause(
+        rig: Rig) -> None:
+    """Nova activates the destination binding on libvirt's event that the source paused
+    (``at-pause``): with a long pause, the port is simply Local on the destination before the
+    VM runs there, no activation left for its RARP to do. The RARP must still go out on the
+    destination's link to the external fabric, at the resume: the agent's gratuitous ARP
+    follows the controller, which can come after the resume."""
+    await reachable(rig)
+    here = rig.lab.vm("vm1").active_vif.chassis  # type: ignore[union-attr]
+    dest = next(c for c in ("chassis-1", "chassis-2", "chassis-3") if c != here)
+    link = f"{rig.lab.prefix}-e{dest[-1]}"
+    watcher = await asyncio.to_thread(
+        subprocess.Popen, [sys.executable, "-c", _RARPS, link, "6"],
+        stdout=subprocess.PIPE, text=True)
+    assert watcher.stdout is not None
+    assert (await asyncio.to_thread(watcher.stdout.readline)).strip() == "ready"
+    try:
+        run = await migrate(rig.lab, rig.api, "vm1", dest, pause_ms=300,
+                            binding_activation="at-pause")
+    finally:
+        out, _ = await asyncio.to_thread(watcher.communicate)
+    # The binding moved before the VM resumed: the destination never had to activate it.
+    assert run.events["binding_activated"] < run.events["resumed"], run.events
+    assert run.record is not None and run.record["status"] == "done", run.record
+    assert not run.record["activated"], run.record
+    assert rig.mac in out.split(), f"no RARP from {rig.mac} on {link}: {out!r}"
+    assert rig.fdb_port() == link
+    await reachable(rig)

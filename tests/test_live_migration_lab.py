@@ -86,6 +86,32 @@ async def test_activation_in_the_datapath_before_novas_post_migration(
         assert c.downtime_beyond_pause_ms < UNPLUG_DELAY_MS / 3, c
 
 
+@pytest.mark.parametrize("mode", ["live", "spec"])
+async def test_novas_binding_activation_at_the_pause(rig: Rig, tmp_path: Path,
+                                                     mode: str) -> None:
+    """Nova's default order: the destination binding is activated on libvirt's event that
+    the source paused, before the unplug. In both modes delivery resumes on the destination
+    long before Nova's unplug, nothing twice, and the migration ends done."""
+    source = rig.lab.vm("vm").active_vif.chassis  # type: ignore[union-attr]
+    dest = next(c for c in ALL_CHASSIS if c != source)
+    async with Probe(rig.lab, "vm", ["c1", "c2", "c3"], out_dir=tmp_path / "probe") as probe:
+        await probe.await_delivered(100)
+        run = await migrate(rig.lab, rig.api, "vm", dest, pause_ms=50,
+                            unplug_delay_ms=UNPLUG_DELAY_MS, mode=mode,
+                            binding_activation="at-pause")
+        await probe.await_delivered(100, since_ns=now_ns())
+    assert run.mode == mode
+    assert run.events["binding_activated"] < run.events["unplugging"], run.events
+    assert run.record is not None and run.record["status"] == "done", run.record
+    report = probe.report(pause=run.pause_window_ns, around_ms=UNPLUG_DELAY_MS + 200)
+    print("\n" + report.to_text())
+    for c in report.clients:
+        assert c.duplicated == 0, c
+        assert c.downtime is not None and c.downtime.recovered, c
+        assert c.downtime_beyond_pause_ms is not None
+        assert c.downtime_beyond_pause_ms < UNPLUG_DELAY_MS / 3, c
+
+
 async def test_nothing_for_the_stopped_copy_after_activation(rig: Rig, tmp_path: Path) -> None:
     source = rig.lab.vm("vm").active_vif.chassis  # type: ignore[union-attr]
     dest = next(c for c in ("chassis-1", "chassis-2", "chassis-3") if c != source)

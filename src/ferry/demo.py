@@ -26,7 +26,14 @@ from rich.table import Table
 
 from ferry.lab.host import rcu_expedited
 from ferry.lab.lab import EXTERNAL_PHYSNET, Lab, LabError, destroy_leftovers
-from ferry.lab.migrate import IN_PLACE, LINKS, MigrationRun, migrate, pause_in_place
+from ferry.lab.migrate import (
+    BINDING_ACTIVATIONS,
+    IN_PLACE,
+    LINKS,
+    MigrationRun,
+    migrate,
+    pause_in_place,
+)
 from ferry.lab.netns import wait_for
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
@@ -141,15 +148,21 @@ async def build(lab: Lab, api: Neutron, n_clients: int
 
 
 def convergence_ms(run: MigrationRun) -> float | None:
-    """From the switch the controllers follow (live mode: the destination datapath's report
-    of the activation, which the agent holds 30 ms before publishing; else step 2) to the last
-    chassis' flows acked for it."""
+    """From the switch the controllers follow to the last chassis' flows acked for it. The
+    switch: live mode's activation (the destination datapath's report, which the agent holds
+    30 ms before publishing), else the first of step 2 (the source unplugged) and step 3 (the
+    binding moved: the record ``done``)."""
     stamps: dict[str, float] = (run.record or {}).get("timestamps", {})
-    phase = "activated" if "activated" in stamps else "source_unplugged"
-    start = stamps.get(phase)
+    switches = [(stamps[stamp], phase) for stamp, phase in (
+        ("source_unplugged", "source_unplugged"), ("bound", "done")) if stamp in stamps]
+    if "activated" in stamps:
+        switches = [(stamps["activated"], "activated")]
+    if not switches:
+        return None
+    start, phase = min(switches)
     acks = [t for k, t in stamps.items() if k.startswith("acked.") and
             k.endswith(f".{phase}")]
-    if start is None or not acks:
+    if not acks:
         return None
     return (max(acks) - start) * 1000
 
@@ -158,9 +171,12 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
                         out: Path, pause_ms: float, unplug_delay_ms: float,
                         rate_hz: float, mode: str | None = None,
                         targets: dict[str, str] | None = None,
-                        links: str = "steady", capture: bool = False) -> MigrationResult:
+                        links: str = "steady", capture: bool = False,
+                        binding_activation: str = "after-unplug") -> MigrationResult:
     """One migration (or in-place pause) under the probe. ``capture``: also record the probe
-    packets entering the destination chassis (:mod:`ferry.probe.capture`) for ``hops``."""
+    packets entering the destination chassis (:mod:`ferry.probe.capture`) for ``hops``.
+    ``binding_activation``: when Nova activates the destination binding
+    (:data:`ferry.lab.migrate.BINDING_ACTIVATIONS`)."""
     run_dir = out / f"migration{number}"
     await asyncio.to_thread(shutil.rmtree, run_dir, True)  # a previous demo's records
     dest_flows = await asyncio.to_thread(datapath_flows, lab, dest)
@@ -180,7 +196,8 @@ async def one_migration(lab: Lab, api: Neutron, number: int, dest: str, clients:
             run = await pause_in_place(lab, "vm", pause_ms)
         else:
             run = await migrate(lab, api, "vm", dest, pause_ms=pause_ms,
-                                unplug_delay_ms=unplug_delay_ms, mode=mode, links=links)
+                                unplug_delay_ms=unplug_delay_ms, mode=mode, links=links,
+                                binding_activation=binding_activation)
         await probe.await_delivered(200, since_ns=max(
             int(run.events["done"]), run.pause_window_ns[1] + int(AROUND_MS * 1e6)))
     finally:
@@ -264,7 +281,8 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                    ovs_rt_priority: int = 0, expedite_rcu: bool = False,
                    classes: Sequence[str] | None = None,
                    sched: SchedTrace | None = None,
-                   host_watch: HostWatch | None = None) -> list[MigrationResult]:
+                   host_watch: HostWatch | None = None,
+                   binding_activation: str = "after-unplug") -> list[MigrationResult]:
     """``plan``: (mode, pause) per migration; default ``migrations`` times (deployment's, pause).
     ``links``: how the VIFs show the pause and resume (:data:`ferry.lab.migrate.LINKS`,
     checked by :func:`ferry.lab.migrate.pre_migration`). ``background``: about that many
@@ -277,7 +295,8 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
     the traffic classes the probe sends (default all of :data:`TRAFFIC_CLASSES`); the lab
     and its topology are the same, only the probe's load changes. ``sched``: traced from the
     first migration to the last (who ran on which CPU, :mod:`ferry.probe.sched`);
-    ``host_watch``: the host's own stalls over the same time (:mod:`ferry.probe.hostwatch`)."""
+    ``host_watch``: the host's own stalls over the same time (:mod:`ferry.probe.hostwatch`).
+    ``binding_activation``: see :func:`one_migration`."""
     plan = plan or [(None, pause_ms)] * migrations
     lab = await asyncio.to_thread(Lab.create, chassis)
     console.print(f"lab {lab.prefix}: {chassis} chassis, store {store}, ovs-vswitchd "
@@ -333,7 +352,8 @@ async def run_demo(chassis: int, store: str, migrations: int, pause_ms: float,
                     moves += 1
                 r = await one_migration(lab, api, i + 1, dest, clients, out, pause,
                                         unplug_delay_ms, rate_hz, mode, targets,
-                                        links=links, capture=capture)
+                                        links=links, capture=capture,
+                                        binding_activation=binding_activation)
                 results.append(r)
                 here = dest
                 move = ("no migration, paused in place on " + r.source if r.mode == IN_PLACE
@@ -414,12 +434,21 @@ def demo_command(
         help="Expedited RCU grace periods on this host while the lab runs (put back after): "
              "deleting a port (Nova's unplug) then does not stall the chassis' userspace "
              "datapath for 5-25 ms.")] = True,
+    binding_activation: Annotated[str, typer.Option(
+        help="When Nova activates the destination's port binding: after-unplug (the spec's "
+             "order), before-unplug (Nova's post-live-migration with port bindings) or "
+             "at-pause (Nova's default: on libvirt's event that the source paused for the "
+             "last copy).")] = "after-unplug",
 ) -> None:
     """Migrate a VM back and forth on a lab of real OVS chassis and report the downtime."""
     if store not in ("memory", "etcd"):
         raise typer.BadParameter(f"{store!r}: memory or etcd", param_hint="--store")
     if links not in LINKS:
         raise typer.BadParameter(f"{links!r}: {' or '.join(LINKS)}", param_hint="--links")
+    if binding_activation not in BINDING_ACTIVATIONS:
+        raise typer.BadParameter(f"{binding_activation!r}: one of "
+                                 f"{', '.join(BINDING_ACTIVATIONS)}",
+                                 param_hint="--binding-activation")
     out.mkdir(parents=True, exist_ok=True)
     # First the same pause with no migration: the floor the migrations are compared with.
     plan: list[tuple[str | None, float]] = [(IN_PLACE, pause_ms)] + [(None, pause_ms)] * migrations
@@ -428,13 +457,15 @@ def demo_command(
                                       clients_per_class=clients, links=links,
                                       background=background_flows,
                                       ovs_rt_priority=ovs_rt_priority,
-                                      expedite_rcu=expedite_rcu))
+                                      expedite_rcu=expedite_rcu,
+                                      binding_activation=binding_activation))
     console.print(summary(everything, f"store {store}"))
     floor, results = everything[0], everything[1:]
     beyond = stats([r.beyond_pause_ms for r in results])
     switch = stats([r.switch_beyond_ms for r in results])
     conv = stats([r.converged_ms for r in results])
     figures: dict[str, Any] = {"store": store, "pause_ms": pause_ms, "links": links,
+                               "binding_activation": binding_activation,
                                "background_flows": background_flows,
                                "ovs_rt_priority": ovs_rt_priority,
                                "expedited_rcu": expedite_rcu,

@@ -8,6 +8,9 @@
 3. Nova (post-live-migration), ``unplug_delay_ms`` later: unplugs the source VIF (step 2 of
    the spec: note that the VM already runs on the destination by then), activates the
    destination binding (step 3), deletes the source binding and clears ``migrating_to``.
+   When the destination binding is activated is :data:`BINDING_ACTIVATIONS`: after the
+   unplug is the spec's order; Nova with port bindings (Rocky on) activates it before, and by
+   default already when libvirt reports the source paused for the last copy.
 Every API call goes through the Neutron API; every host action through the lab. The times of
 each action are returned, on the wall clock and on CLOCK_MONOTONIC (which the probe uses).
 """
@@ -17,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +41,17 @@ its link, the RARP leaves just before the resume (QEMU's order); the source link
 Nova's unplug. ``flap``: the source link goes down at the pause and the destination's comes up
 at the resume (then the RARP), so each chassis' OVS reconfigures its port inside the measured
 downtime."""
+
+BINDING_ACTIVATIONS = ("after-unplug", "before-unplug", "at-pause")
+"""When Nova activates the destination's port binding (the spec's step 3).
+``after-unplug``: the spec's order, step 2 then step 3 (Nova before port bindings updated
+``binding:host_id`` after unplugging). ``before-unplug``: Nova's post-live-migration with port
+bindings (``migrate_instance_start``, then the source VIFs' unplug), as with
+``[workarounds]handle_virt_lifecycle_events = False``. ``at-pause``: Nova's default since Rocky:
+the source's libvirt event "migration completed" (the VM paused for the last copy) makes
+``handle_lifecycle_event`` activate it, so that the network can follow before the VM resumes;
+post-live-migration's own activation then finds it active (409, which Nova accepts). The lab
+sends it the moment the VM stops: the earliest Nova could."""
 
 HYPERVISOR_RT_PRIORITY = 50
 """SCHED_FIFO priority of the lab's hypervisor process (the pause and the resume): above every
@@ -70,15 +86,27 @@ class MigrationRun:
 
 async def migrate(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float = 50.0,
                   unplug_delay_ms: float = 100.0, plug_timeout: float = 10.0,
-                  mode: str | None = None, links: str = "steady") -> MigrationRun:
+                  mode: str | None = None, links: str = "steady",
+                  binding_activation: str = "after-unplug") -> MigrationRun:
     """The whole sequence: :func:`pre_migration`, :func:`stop_and_resume`, a delay,
-    :func:`post_migration`, then wait for the controllers to mark the migration done."""
+    :func:`unplug_source` and :func:`post_migration`, with the destination binding activated
+    where ``binding_activation`` (one of :data:`BINDING_ACTIVATIONS`) says; then wait for the
+    controllers to mark the migration done."""
+    if binding_activation not in BINDING_ACTIVATIONS:
+        raise LabError(f"binding activation {binding_activation!r}: want one of "
+                       f"{', '.join(BINDING_ACTIVATIONS)}")
     run = await pre_migration(lab, api, vm, dest, pause_ms=pause_ms,
                               plug_timeout=plug_timeout, mode=mode, links=links)
-    await stop_and_resume(lab, run)
+    if binding_activation == "at-pause":
+        await stop_and_resume(lab, run, on_paused=lambda: activate_destination(api, run))
+    else:
+        await stop_and_resume(lab, run)
     await asyncio.sleep(unplug_delay_ms / 1000)
+    early = binding_activation != "after-unplug"
+    if early:  # Nova's migrate_instance_start, before the unplug
+        await activate_destination(api, run)
     await unplug_source(lab, run)
-    await post_migration(api, run)
+    await post_migration(api, run, activate=not early)
     run.record = await wait_done(api, run.port_id, plug_timeout)
     run.mark("done")
     return run
@@ -128,11 +156,30 @@ async def pre_migration(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms:
     return run
 
 
-async def stop_and_resume(lab: Lab, run: MigrationRun, rarps: int = 1) -> None:
+async def stop_and_resume(lab: Lab, run: MigrationRun, rarps: int = 1,
+                          on_paused: Callable[[], Awaitable[None]] | None = None) -> None:
     """libvirt's part: the stop-and-copy pause, then the resume with QEMU's RARP (``rarps``
     of them; 0 for a VM that says nothing on resume, as with vhost-user), done inside the
-    VM's namespace by one process so that the times are exact to the microsecond."""
-    await stop_and_resume_times(lab, run, rarps)
+    VM's namespace by one process so that the times are exact to the microsecond.
+    ``on_paused``: run the moment the VM stops (what Nova does on libvirt's event), alongside
+    the pause; this returns once both are over, and raises what it raised."""
+    if on_paused is None:
+        await stop_and_resume_times(lab, run, rarps)
+    else:
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+
+        def tell() -> None:  # from the thread that reads the hypervisor's output
+            loop.call_soon_threadsafe(stopped.set)
+
+        reaction = asyncio.ensure_future(_after(stopped, on_paused))
+        try:
+            await stop_and_resume_times(lab, run, rarps, tell)
+            if not stopped.is_set():
+                raise LabError(f"the hypervisor never said {run.vm} stopped")
+            await reaction
+        finally:
+            reaction.cancel()
     # the lab's records (no link changes with steady links)
     await asyncio.to_thread(lab.stop_on, run.vm, run.source, run.links == "steady")
     await asyncio.to_thread(lab.set_link, run.vm, run.dest, True)
@@ -158,10 +205,18 @@ async def pause_in_place(lab: Lab, vm: str, pause_ms: float, rarps: int = 1) -> 
     return run
 
 
-async def stop_and_resume_times(lab: Lab, run: MigrationRun, rarps: int) -> None:
-    """Run the hypervisor's move and record its times in ``run`` (pause, resume, RARP)."""
+async def _after(event: asyncio.Event, action: Callable[[], Awaitable[None]]) -> None:
+    await event.wait()
+    await action()
+
+
+async def stop_and_resume_times(lab: Lab, run: MigrationRun, rarps: int,
+                                on_paused: Callable[[], None] | None = None) -> None:
+    """Run the hypervisor's move and record its times in ``run`` (pause, resume, RARP).
+    ``on_paused`` is called (from another thread) the moment the VM stops."""
     times = await asyncio.to_thread(hypervisor_move, lab, run.vm, run.source, run.dest,
-                                    run.pause_ms, rarps, freeze=run.links == "steady")
+                                    run.pause_ms, rarps, freeze=run.links == "steady",
+                                    on_paused=on_paused)
     run.hypervisor_sched = str(times.get("sched", ""))
     if not run.hypervisor_sched.startswith("fifo"):
         log.warning("the hypervisor ran without real-time priority (%s): OVS can stretch "
@@ -178,11 +233,25 @@ async def unplug_source(lab: Lab, run: MigrationRun) -> None:
     run.mark("source_unplugged")
 
 
-async def post_migration(api: Neutron, run: MigrationRun) -> None:
-    """Nova's post-live-migration, in Neutron: activate the destination binding (spec step
-    3), delete the source's, clear ``migrating_to``."""
-    await api.activate_binding(run.port_id, run.dest)
+async def activate_destination(api: Neutron, run: MigrationRun) -> None:
+    """Activate the destination's binding (the spec's step 3), as Nova does: one that is
+    already active (Neutron's 409 ``PortBindingAlreadyActive``) is fine. The first call
+    that finds it inactive marks ``binding_activated``."""
+    try:
+        await api.activate_binding(run.port_id, run.dest)
+    except NeutronError as e:
+        if e.status != 409 or "PortBindingAlreadyActive" not in str(e):
+            raise
+        return
     run.mark("binding_activated")
+
+
+async def post_migration(api: Neutron, run: MigrationRun, activate: bool = True) -> None:
+    """Nova's post-live-migration, in Neutron: activate the destination binding (spec step
+    3) unless ``activate`` is False (done before), delete the source's, clear
+    ``migrating_to``."""
+    if activate:
+        await activate_destination(api, run)
     await api.delete_binding(run.port_id, run.source)
     await api.update("port", run.port_id, **{"binding:profile": run.profile})
     run.mark("profile_cleared")
@@ -190,26 +259,49 @@ async def post_migration(api: Neutron, run: MigrationRun) -> None:
 
 def hypervisor_move(lab: Lab, vm: str, source: str, dest: str, pause_ms: float,
                     rarps: int = 1, freeze: bool = True,
-                    rt_prio: int = HYPERVISOR_RT_PRIORITY) -> dict[str, Any]:
+                    rt_prio: int = HYPERVISOR_RT_PRIORITY,
+                    on_paused: Callable[[], None] | None = None,
+                    timeout: float = 30.0) -> dict[str, Any]:
     """Stop the VM on ``source`` and resume it on ``dest`` after ``pause_ms``, with RARPs
     (``source`` == ``dest``: a pause in place, on the same VIF). ``freeze``: the VM stops
     using its source VIF but the link stays up (else it goes down). ``rt_prio``: the
-    process' SCHED_FIFO priority (0: normal scheduling)."""
+    process' SCHED_FIFO priority (0: normal scheduling). ``on_paused``: called the moment
+    the VM stops, while the pause goes on."""
     v = lab.vm(vm)
     down, up = v.vif(lab.chassis(source).name), v.vif(lab.chassis(dest).name)
     if down is None or up is None:
         raise LabError(f"VM {vm} must be plugged on both {source} and {dest}")
     if down is up and not freeze:
         raise LabError(f"pausing {vm} in place needs freeze (its link stays up)")
-    r = lab.exec_in_vm(vm, [sys.executable, "-m", "ferry.probe.agent", "move", "--down",
-                            down.guest_if, "--up", up.guest_if, "--pause-ms", str(pause_ms),
-                            "--mac", v.mac, "--rarp", str(rarps), "--rt-prio", str(rt_prio),
-                            *(["--stop", "freeze", "--address", v.ip_cidr] if freeze
-                              else ["--stop", "down"]),
-                            *(["--gateway", v.gateway] if freeze and v.gateway else [])])
-    if r.returncode != 0:
-        raise LabError(f"moving {vm} from {source} to {dest} failed: {r.stderr.strip()}")
-    times: dict[str, Any] = json.loads(r.stdout)
+    argv = [sys.executable, "-m", "ferry.probe.agent", "move", "--down", down.guest_if,
+            "--up", up.guest_if, "--pause-ms", str(pause_ms), "--mac", v.mac,
+            "--rarp", str(rarps), "--rt-prio", str(rt_prio),
+            *(["--stop", "freeze", "--address", v.ip_cidr] if freeze else ["--stop", "down"]),
+            *(["--gateway", v.gateway] if freeze and v.gateway else []),
+            *(["--tell-pause"] if on_paused is not None else [])]
+    proc = lab.popen_in_vm(vm, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        last = ""
+        for line in proc.stdout:  # the pause as it happens, then the times at the end
+            if on_paused is not None and line.startswith('{"paused_ns"'):
+                on_paused()
+            elif line.strip():
+                last = line
+        err = proc.stderr.read()
+        rc = proc.wait()
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if rc != 0:
+        raise LabError(f"moving {vm} from {source} to {dest} failed (exit {rc}): "
+                       f"{err.strip()}")
+    times: dict[str, Any] = json.loads(last)
     return times
 
 

@@ -353,7 +353,8 @@ def run_move(args: argparse.Namespace) -> int:
     :mod:`ferry.probe.freeze`): the source is frozen; the RARPs leave the destination's
     VIF just before the VM resumes there, as QEMU orders them, and the resume gives it
     ``--address`` and ``--gateway``. ``--stop down``: the source link goes down, the
-    destination's comes up, then the RARPs. Prints the times as JSON."""
+    destination's comes up, then the RARPs. Prints the times as JSON; with ``--tell-pause``,
+    first a line with the moment the VM stopped, as it happens."""
     import json
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -374,6 +375,8 @@ def run_move(args: argparse.Namespace) -> int:
     else:
         _set_up(sock, args.down, False)
     t_down = time.monotonic_ns()
+    if args.tell_pause:  # a libvirt event on the source: Nova may act on it (the lab listens)
+        print(json.dumps({"paused_ns": t_down}), flush=True)
     sleep_until(t0 + int(args.pause_ms * 1e6))
     if resumer is not None:
         # QEMU announces before it starts the vCPUs (process_incoming_migration_bh calls
@@ -429,6 +432,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "standby gets --address at the resume); down: links go down and up")
     mv.add_argument("--rt-prio", type=int, default=0,
                     help="SCHED_FIFO priority of this hypervisor (0: normal scheduling)")
+    mv.add_argument("--tell-pause", action="store_true",
+                    help="print a JSON line with paused_ns as soon as the VM is stopped")
     mv.add_argument("--address", help="the VM's address/prefix (with --stop freeze)")
     mv.add_argument("--gateway", help="the VM's default gateway (with --stop freeze)")
     args = p.parse_args(argv)

@@ -24,8 +24,8 @@ The FIP's MAC is the VM port's MAC, as networking-ovn does for distributed float
 MAC is unique (a claim of the store), stays the same wherever the VM runs, so the outside's
 ARP cache is never wrong, and a migration only has to move the external L2 fabric's
 forwarding entry: the VM's RARP on resume, sent out to the external networks by the
-destination (l2 app), and then the gratuitous ARP of the chassis where the port is now Local
-(the agent). Only a chassis where the VM runs announces: a destination that announced from
+chassis where it resumes (l2 app), and the gratuitous ARP of the chassis where the port is
+now Local (the agent). Only a chassis where the VM runs announces: a destination that announced from
 the claim (as Ferry once did) taught the source chassis' br-ex that the VM's MAC is on its
 uplink, while the VM still ran behind its patch port; when the fabric then sent the outside's
 frames to the source (taught back by the VM's own replies in flight), that br-ex dropped them

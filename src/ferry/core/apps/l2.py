@@ -75,16 +75,18 @@ class Classifier(App):
             SetField(REG_SRC_PORT, port.tunnel_key), SetField(REG_NETWORK, net.tunnel_key),
             *tell, GotoTable(table("port_security")))
         yield Flow(table("classify"), 100, Match(in_port=loc.ofport), (*activate, *classify))
-        if isinstance(loc, Incoming):
-            # The VM's RARP on resume also goes out to the external networks where the port
-            # has a floating IP (whose MAC is the VM's): their switches learn at once that
-            # the floating IP is now behind this chassis, as the internal network does.
-            from ferry.core.apps.fip import bindings
+        # The VM's RARP on resume also goes out to the external networks where the port has
+        # a floating IP (whose MAC is the VM's): their switches learn at once that the
+        # floating IP is now behind this chassis, as the internal network does. Not only on
+        # a live migration's destination: Nova may activate the destination's binding during
+        # the pause (then the port is Local here before the VM runs), and the agent's
+        # gratuitous ARP comes only when its flows are in, which can be after the resume.
+        from ferry.core.apps.fip import bindings
 
-            patches = sorted({b.patch_ofport for b in bindings(ctx, port)})
-            if patches:
-                yield Flow(table("classify"), 110, Match(in_port=loc.ofport, eth_type=ETH_RARP),
-                           (*activate, *(Output(p) for p in patches), *classify))
+        patches = sorted({b.patch_ofport for b in bindings(ctx, port)})
+        if patches:
+            yield Flow(table("classify"), 110, Match(in_port=loc.ofport, eth_type=ETH_RARP),
+                       (*activate, *(Output(p) for p in patches), *classify))
 
     def _tell_controller(self, ctx: Context, port: LogicalPort) -> Iterable[Flow]:
         """The activation, once done in the datapath, is reported to this chassis' controller
