@@ -103,6 +103,12 @@ async def test_novas_binding_activation_at_the_pause(rig: Rig, tmp_path: Path,
     assert run.mode == mode
     assert run.events["binding_activated"] < run.events["unplugging"], run.events
     assert run.record is not None and run.record["status"] == "done", run.record
+    # Every chassis acked its flows for the binding's move (the convergence it is timed by),
+    # before Nova's unplug: the move happened then.
+    m = await wait_record(rig.api, run.port_id, lambda m: all(
+        f"acked.{ch}.done" in m["timestamps"] for ch in ALL_CHASSIS), 10)
+    acks = {ch: m["timestamps"][f"acked.{ch}.done"] for ch in ALL_CHASSIS}
+    assert max(acks.values()) < run.wall["unplugging"], (acks, run.wall)
     report = probe.report(pause=run.pause_window_ns, around_ms=UNPLUG_DELAY_MS + 200)
     print("\n" + report.to_text())
     for c in report.clients:

@@ -25,7 +25,7 @@ from ferry.agent.migrations import MigrationPublisher
 from ferry.agent.subscriptions import Change, Deleted, Resynced, Subscriptions, Updated
 from ferry.core.apps import fip
 from ferry.core.chassis import ChassisCore, Output, PortBound, PortUnbound
-from ferry.core.migration import Activated
+from ferry.core.migration import Activated, ack_phase
 from ferry.core.topology import Local, Vif
 from ferry.model.northbound import InvalidObject, Northbound
 from ferry.model.objects import (
@@ -262,9 +262,9 @@ class ChassisAgent:
             if isinstance(e, PortBound | PortUnbound):
                 log.info("chassis %s: port %s %s %s", self.name, e.port_id,
                          type(e).__name__, e.location)
-                m = self.core.topology.get(Migration, e.port_id)
-                if m is not None and m.status is not MigrationStatus.ROLLED_BACK:
-                    self._after_ack(self._record_ack(e.port_id))
+                phase = ack_phase(self.core.topology, e.port_id)
+                if phase is not None:  # what these flows follow, as seen now
+                    self._after_ack(self._record_ack(e.port_id, phase))
                 if isinstance(e.location, Local):
                     up = isinstance(e, PortBound)
                     self._after_ack(self._set_status(e.port_id, up))
@@ -316,8 +316,8 @@ class ChassisAgent:
         self._ack_tasks.add(task)
         task.add_done_callback(self._ack_tasks.discard)
 
-    async def _record_ack(self, port_id: str) -> None:
-        await self.migrations.acked(port_id, self.wall())
+    async def _record_ack(self, port_id: str, phase: str) -> None:
+        await self.migrations.acked(port_id, phase, self.wall())
 
     async def _set_status(self, port_id: str, up: bool) -> None:
         """Port status ACTIVE once its local flows are installed (what Nova waits for);

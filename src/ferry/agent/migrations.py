@@ -6,7 +6,8 @@ is now, so repeated or late intents are harmless. Timestamps are wall-clock seco
 the destination's datapath reported the VM's first frame; published a little later, see the
 agent), ``source_unplugged``, ``bound``,
 ``rolled_back``, and ``acked.<chassis>.<phase>`` once a chassis' flows for the port's new
-location were acknowledged by its switch (phase: the status, or ``activated``).
+location were acknowledged by its switch (phase: the status, or ``activated``, as that
+chassis saw it when it moved the port; ``done`` when it followed the binding itself).
 """
 
 from __future__ import annotations
@@ -117,11 +118,13 @@ class MigrationPublisher:
             log.info("chassis %s: port %s: migration %s → %s: %s", self.chassis, port_id,
                      m.source_chassis, m.dest_chassis, to.value)
 
-    async def acked(self, port_id: str, at: float) -> None:
-        """Record when this chassis' flows for the port's current location were acked."""
+    async def acked(self, port_id: str, phase: str, at: float) -> None:
+        """Record when this chassis' flows for the port's location in ``phase`` (as this
+        chassis saw it when it moved the port: ``ferry.core.migration.ack_phase``) were
+        acked. Keyed by that phase, not the record's status now, which may have moved on."""
         async with self._lock:
             def change(m: Migration) -> Migration:
-                key = f"acked.{self.chassis}.{m.phase}"
+                key = f"acked.{self.chassis}.{phase}"
                 if key in m.timestamps:
                     return m
                 return m.model_copy(update={"timestamps": {**m.timestamps, key: at}})

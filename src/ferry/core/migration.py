@@ -126,6 +126,19 @@ def on_activated(topo: Topology, port: LogicalPort) -> list[Intent]:
     return [Activated(port.id, topo.chassis)]
 
 
+def ack_phase(topo: Topology, port_id: str) -> str | None:
+    """Which switch a chassis' flows for a migrating port follow, as this chassis sees it
+    now: the phase its flow ack is recorded under. ``done`` once the binding names the
+    destination (Nova's step 3, which can come first: the record may still say ``plugged``
+    when this chassis moves), else the record's phase. None: no migration to ack for."""
+    m, port = topo.get(Migration, port_id), topo.get(LogicalPort, port_id)
+    if m is None or port is None or m.status is MigrationStatus.ROLLED_BACK:
+        return None
+    if port.host == m.dest_chassis:
+        return MigrationStatus.DONE.value
+    return m.phase
+
+
 def on_port_changed(topo: Topology, port: LogicalPort) -> list[Intent]:
     return _level(topo, port)
 
