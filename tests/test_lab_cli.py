@@ -87,6 +87,9 @@ def test_bad_input_is_named(lab: dict[str, Any]) -> None:
     assert r.returncode == 2 and "no-such-port" in r.stdout + r.stderr
     r = ferry("lab", "migrate", "nope", "--to", "chassis-2", "--lab", prefix, check=False)
     assert r.returncode == 2 and "nope" in r.stdout + r.stderr
+    r = ferry("lab", "migrate", "v2", "--to", "chassis-2", "--binding-activation", "soon",
+              "--lab", prefix, check=False)
+    assert r.returncode == 2 and "'soon'" in r.stdout + r.stderr
     r = ferry("lab", "status", "--lab", "zz99", check=False)
     assert r.returncode == 2 and "zz99" in r.stdout + r.stderr
     r = ferry("controller", "--chassis", "x", "--store", "bogus://", "--ovsdb", "unix:/x",

@@ -495,3 +495,22 @@ def test_capture_sees_every_packet_enter_the_chassis_before_the_vm_gets_it(
     h = capture.hops("a", c.probe_id, c.sent, c.delivered, seen, inside[0][2], inside[0][2],
                      10**9)
     assert h.held_ms is not None and 0 < h.held_ms < 20 and h.dropped == 0
+
+
+def test_convergence_is_timed_from_the_first_switch_to_each_chassis_first_ack() -> None:
+    """With Nova's early activation, the binding's move and the datapath's activation come
+    close together; each chassis acks the one it saw first (chassis names may hold dots)."""
+    from ferry.demo import convergence_ms
+    from ferry.lab.migrate import MigrationRun
+
+    run = MigrationRun("vm", "p", "a.example", "b.example", 0.0)
+    run.record = {"timestamps": {
+        "plugged": 1.0, "acked.a.example.plugged": 1.5,  # the claim: not a switch
+        "activated": 10.0, "bound": 10.02,
+        "acked.a.example.activated": 10.004, "acked.a.example.done": 10.05,
+        "acked.b.example.done": 10.03, "acked.c.activated": 10.006}}
+    assert convergence_ms(run) == pytest.approx(30.0)
+    run.record = {"timestamps": {"source_unplugged": 5.0, "acked.a.source_unplugged": 5.01}}
+    assert convergence_ms(run) == pytest.approx(10.0)
+    run.record = {"timestamps": {"plugged": 1.0, "acked.a.plugged": 1.5}}
+    assert convergence_ms(run) is None

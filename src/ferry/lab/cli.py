@@ -206,18 +206,29 @@ def migrate(
     unplug_delay_ms: Annotated[float, typer.Option(
         "--unplug-delay-ms", min=0, help="From resume to Nova's post-migration step "
         "(source unplug, binding activation).")] = 100.0,
+    binding_activation: Annotated[str, typer.Option(
+        "--binding-activation", help="When Nova activates the destination's binding: "
+        "after-unplug (the spec's order), before-unplug (Nova's post-live-migration) or "
+        "at-pause (Nova's default: on libvirt's event that the source paused).")
+    ] = "after-unplug",
     lab: LabOpt = None,
 ) -> None:
     """Live-migrate a VM as Nova and libvirt do, through the API, and print the timeline."""
+    from ferry.lab.migrate import BINDING_ACTIVATIONS
     from ferry.lab.migrate import migrate as do_migrate
     from ferry.migration_cli import print_timeline
 
+    if binding_activation not in BINDING_ACTIVATIONS:
+        raise typer.BadParameter(f"{binding_activation!r}: one of "
+                                 f"{', '.join(BINDING_ACTIVATIONS)}",
+                                 param_hint="--binding-activation")
     the_lab = pick_lab(lab)
 
     async def main() -> None:
         async with api_of(the_lab) as api:
             run = await do_migrate(the_lab, api, vm, to, pause_ms=pause_ms,
-                                   unplug_delay_ms=unplug_delay_ms)
+                                   unplug_delay_ms=unplug_delay_ms,
+                                   binding_activation=binding_activation)
         console.print(f"{vm}: {run.source} → {run.dest}, pause {pause_ms:.0f} ms",
                       highlight=False)
         if run.record:
