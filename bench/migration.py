@@ -10,9 +10,9 @@ the VM's floating IP over the external network), per mode and per pause:
 - downtime beyond the pause p50/p99/max, within 500 ms of the pause, and again counting only
   gaps that start before Nova's source unplug ("to-unplug"): deleting a port stalls the lab's
   userspace datapath on that chassis for 5-20 ms whatever the controller does (docs/measuring.md);
-- convergence (the switch the controllers follow: the destination datapath's report of the
-  activation in live mode, held 30 ms by its agent before it is published; step 2 in spec
-  mode → flows acked on every chassis) p50/p99;
+- convergence (the first switch the controllers follow: the destination datapath's report of
+  the activation in live mode, held 30 ms by its agent before it is published; step 2, or
+  step 3 when Nova moves the binding first → every chassis' flows acked for one) p50/p99;
 - packets lost, duplicated and reordered;
 - "send late max": the most a probe client sent behind its schedule within its downtime gap
   (a client starved of CPU sends late: that share of the gap is the instrument's);
