@@ -16,6 +16,7 @@ from ferry.lab.lab import Lab
 from ferry.lab.migrate import (
     HYPERVISOR_RT_PRIORITY,
     IN_PLACE,
+    activate_destination,
     migrate,
     pause_in_place,
     post_migration,
@@ -197,6 +198,31 @@ async def test_a_silent_vm_is_switched_by_the_fallback(rig: Rig, tmp_path: Path,
     assert done is not None and done["fallback"] == fallback and not done["activated"]
     report = probe.report(pause=run.pause_window_ns)
     assert all(c.duplicated == 0 for c in report.clients)
+
+
+async def test_a_silent_vm_follows_novas_binding_activation_at_the_pause(
+        rig: Rig, tmp_path: Path) -> None:
+    """A VM that sends nothing on resume, with the ``binding`` fallback, under Nova's default
+    order: the binding moves on libvirt's event that the source paused, so delivery resumes on
+    the destination with no RARP and long before Nova's unplug."""
+    source = rig.lab.vm("vm").active_vif.chassis  # type: ignore[union-attr]
+    dest = next(c for c in ALL_CHASSIS if c != source)
+    async with Probe(rig.lab, "vm", ["c1", "c2", "c3"], out_dir=tmp_path / "probe") as probe:
+        await probe.await_delivered(100)
+        run = await pre_migration(rig.lab, rig.api, "vm", dest, fallback="binding")
+        await stop_and_resume(rig.lab, run, rarps=0,
+                              on_paused=lambda: activate_destination(rig.api, run))
+        # Delivery on the destination before Nova's post-migration even starts: no unplug
+        # and no RARP switched it (the source-unplug fallback would wait for the unplug).
+        await probe.await_delivered(100, since_ns=run.events["resumed"], within_s=5)
+        await unplug_source(rig.lab, run)
+        await post_migration(rig.api, run, activate=False)
+        done = await wait_done(rig.api, run.port_id, 10)
+    assert done is not None and done["status"] == "done" and not done["activated"], done
+    report = probe.report(pause=run.pause_window_ns, around_ms=200)
+    for c in report.clients:
+        assert c.duplicated == 0, c
+        assert c.downtime_beyond_pause_ms is not None and c.downtime_beyond_pause_ms < 100, c
 
 
 async def test_a_pause_in_place_stops_delivery_for_the_pause_only(
