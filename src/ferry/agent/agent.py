@@ -23,6 +23,7 @@ from ferry.agent.datapath import apply_conntrack_settings
 from ferry.agent.flowsync import FlowSync
 from ferry.agent.migrations import MigrationPublisher
 from ferry.agent.subscriptions import Change, Deleted, Resynced, Subscriptions, Updated
+from ferry.agent.tunnel_routes import REFRESH_S, TunnelRoutes
 from ferry.core.apps import fip
 from ferry.core.chassis import ChassisCore, Output, PortBound, PortUnbound
 from ferry.core.migration import Activated, ack_phase
@@ -69,6 +70,8 @@ class AgentConfig:
     first frame never activated (a port's binding profile may override)."""
     ovs_rundir: Path | None = None
     """ovs-vswitchd's run directory (its control socket); default: the OVSDB socket's."""
+    pin_tunnel_routes: bool = True
+    """Pin the routes to the other chassis' tunnel IPs in OVS (:mod:`ferry.agent.tunnel_routes`)."""
 
     @property
     def vswitchd_rundir(self) -> Path | None:
@@ -116,6 +119,10 @@ class ChassisAgent:
         self._intents: asyncio.Queue[Output] = asyncio.Queue()
         self._ack_tasks: set[asyncio.Task[None]] = set()
         self._announced: set[tuple[str, str]] = set()
+        rundir = config.vswitchd_rundir
+        self.routes = (TunnelRoutes(config.chassis, rundir)
+                       if config.pin_tunnel_routes and rundir is not None else None)
+        self._routes_now = asyncio.Event()
 
     @property
     def name(self) -> str:
@@ -140,6 +147,8 @@ class ChassisAgent:
             asyncio.create_task(self._vif_loop(), name=f"vifs-{self.name}"),
             asyncio.create_task(self._intent_loop(), name=f"intents-{self.name}"),
         ]
+        if self.routes is not None:
+            self._tasks.append(asyncio.create_task(self._route_loop(), name=f"routes-{self.name}"))
         self.flows.mark_dirty()
         await self.flows.wait_synced()
         self.ready.set()
@@ -153,6 +162,27 @@ class ChassisAgent:
             task = asyncio.create_task(apply_conntrack_settings(self.name, rundir))
             self._ack_tasks.add(task)
             task.add_done_callback(self._ack_tasks.discard)
+            self._routes_now.set()  # and its pinned routes
+
+    def _remote_tunnel_ips(self) -> set[str]:
+        return {str(ch.tunnel_ip) for ch in self.core.topology.table(Chassis).values()
+                if ch.id != self.name}
+
+    async def _route_loop(self) -> None:
+        """Keep the tunnel routes pinned: at once when the set of other chassis changes or
+        ovs-vswitchd (re)connects, and every ``REFRESH_S`` to follow the kernel's routes."""
+        assert self.routes is not None
+        loop = asyncio.get_running_loop()
+        done: set[str] | None = None
+        last = 0.0
+        while True:
+            remotes = self._remote_tunnel_ips()
+            if self._routes_now.is_set() or remotes != done or loop.time() - last >= REFRESH_S:
+                self._routes_now.clear()
+                await self.routes.sync(remotes)
+                done, last = remotes, loop.time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._routes_now.wait(), 1.0)
 
     def _mark_synced(self) -> None:
         tmp = self.config.synced_file.with_suffix(".tmp")

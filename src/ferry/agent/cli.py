@@ -44,6 +44,12 @@ def controller_command(
         "vhost-user): source-unplug switches the port when Nova unplugs the source VIF; "
         "binding waits for the destination binding to become active. A port's "
         "binding:profile ferry_live_fallback overrides it.")] = LiveFallback.SOURCE_UNPLUG,
+    pin_tunnel_routes: Annotated[bool, typer.Option(
+        "--pin-tunnel-routes/--no-pin-tunnel-routes",
+        help="Pin the route to each other chassis' tunnel IP that the kernel reaches on-link "
+        "in ovs-vswitchd's own table (ovs/route/add), so that OVS's re-reading of the "
+        "kernel's routes at every link change (VIFs plugged and unplugged) drops no "
+        "tunnelled packet.")] = True,
 ) -> None:
     """Run the Ferry controller of one chassis."""
     try:
@@ -65,7 +71,7 @@ def controller_command(
     setup_logging(log_level)
     cfg = AgentConfig(chassis=chassis, tunnel_ip=tunnel_ip, ovsdb_url=ovsdb, rundir=rundir,
                       bridge=bridge, bridge_mappings=mappings, migration_mode=migration_mode,
-                      live_fallback=live_fallback)
+                      live_fallback=live_fallback, pin_tunnel_routes=pin_tunnel_routes)
     asyncio.run(_run(ChassisAgent(cfg, backend)))
 
 
