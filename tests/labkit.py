@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,3 +96,57 @@ async def make_port(nb: Northbound, id: str, net: str, sub: str, mac: str, ip: s
     return await nb.create(LogicalPort(id=id, topic=kw.pop("topic", P), network_id=net, mac=mac,
                                        fixed_ips=[FixedIP(subnet_id=sub, ip_address=ip)],  # type: ignore[arg-type]
                                        bindings=[PortBinding(host=host)], **kw))
+
+
+UDP_SEQ_SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+s.settimeout(float(sys.argv[2]))
+got = set()
+try:
+    while True:
+        got.add(int(s.recv(64)))
+except TimeoutError:
+    pass
+print(len(got), max(got) + 1 if got else 0)
+"""
+
+UDP_SEQ_SOURCE = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+start = time.monotonic()
+for seq in range(int(sys.argv[3])):
+    time.sleep(max(0.0, start + seq / 1000 - time.monotonic()))
+    s.sendto(str(seq).encode(), (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def udp_through_vif_churn(lab: Lab, sender: str, receiver: str, target: str, churn_on: str,
+                          churn_mac: str, churn_cidr: str, sent: int = 6000
+                          ) -> tuple[int, int, int]:
+    """VM ``sender`` sends ``sent`` numbered UDP datagrams at 1 kHz to ``target`` (VM
+    ``receiver``) while a VM ``z`` is plugged on ``churn_on`` and deleted again and again.
+    Returns (datagrams received, highest sequence number + 1, plug/unplug cycles)."""
+    sink = lab.popen_in_vm(receiver, [sys.executable, "-c", UDP_SEQ_SINK, "9997", "1.0"],
+                           stdout=subprocess.PIPE, text=True)
+    source = None
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        source = lab.popen_in_vm(sender, [sys.executable, "-c", UDP_SEQ_SOURCE, target,
+                                          "9997", str(sent)])
+        cycles = 0
+        while source.poll() is None:
+            lab.add_vm("z", churn_on, churn_mac, churn_cidr, "port-z")
+            lab.delete_vm("z")
+            cycles += 1
+        assert source.returncode == 0
+        out, _ = sink.communicate(timeout=10)
+    finally:
+        for proc in (source, sink):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    received, highest = map(int, out.split())
+    return received, highest, cycles

@@ -42,11 +42,13 @@ data, addr = s.recvfrom(100)
 print(addr[0], flush=True)
 """
 
-# Run in the root namespace on one of the lab's own links: print the sender of every
-# gratuitous ARP (sender IP = target IP) for argv[2] seen within argv[3] seconds.
-_GARPS = """
+# Run in the root namespace on one of the lab's own links (argv[1]) for argv[2] seconds: print
+# the sender of every gratuitous ARP (sender IP = target IP) for the IP argv[3], or with
+# "rarp" there, the source MAC of every RARP (QEMU's announcement on resume).
+_ANNOUNCEMENTS = """
 import socket, sys, time
-dev, ip, secs = sys.argv[1], socket.inet_aton(sys.argv[2]), float(sys.argv[3])
+dev, secs, what = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+ip = None if what == "rarp" else socket.inet_aton(what)
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
 s.bind((dev, 0))
 print("ready", flush=True)
@@ -57,27 +59,10 @@ while time.monotonic() < end:
         f = s.recv(100)
     except OSError:
         continue
-    if f[12:14] == b"\x08\x06" and f[28:32] == ip and f[38:42] == ip:
-        print(f[22:28].hex(":"), flush=True)
-"""
-
-# The same for RARPs (QEMU's announcement on resume): print the source MAC of each one seen
-# on argv[1] within argv[2] seconds.
-_RARPS = """
-import socket, sys, time
-dev, secs = sys.argv[1], float(sys.argv[2])
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-s.bind((dev, 0))
-print("ready", flush=True)
-end = time.monotonic() + secs
-while time.monotonic() < end:
-    s.settimeout(max(0.01, end - time.monotonic()))
-    try:
-        f = s.recv(100)
-    except OSError:
-        continue
-    if f[12:14].hex() == "8035":
+    if ip is None and f[12:14].hex() == "8035":
         print(f[6:12].hex(":"), flush=True)
+    elif ip is not None and f[12:14].hex() == "0806" and f[28:32] == ip and f[38:42] == ip:
+        print(f[22:28].hex(":"), flush=True)
 """
 
 
@@ -181,7 +166,8 @@ async def test_the_floating_ip_follows_a_live_migration(rig: Rig) -> None:
     await reachable(rig)
     # ETH_P_ALL: a protocol-specific packet socket does not see frames a bridge port takes.
     watcher = await asyncio.to_thread(
-        subprocess.Popen, [sys.executable, "-c", _GARPS, f"{rig.lab.prefix}-e2", rig.fip, "8"],
+        subprocess.Popen,
+        [sys.executable, "-c", _ANNOUNCEMENTS, f"{rig.lab.prefix}-e2", "8", rig.fip],
         stdout=subprocess.PIPE, text=True)
     assert watcher.stdout is not None
     assert (await asyncio.to_thread(watcher.stdout.readline)).strip() == "ready"
@@ -226,7 +212,7 @@ async def test_the_rarp_moves_the_fip_when_nova_moved_the_binding_in_the_pause(
     dest = next(c for c in ("chassis-1", "chassis-2", "chassis-3") if c != here)
     link = f"{rig.lab.prefix}-e{dest[-1]}"
     watcher = await asyncio.to_thread(
-        subprocess.Popen, [sys.executable, "-c", _RARPS, link, "6"],
+        subprocess.Popen, [sys.executable, "-c", _ANNOUNCEMENTS, link, "6", "rarp"],
         stdout=subprocess.PIPE, text=True)
     assert watcher.stdout is not None
     assert (await asyncio.to_thread(watcher.stdout.readline)).strip() == "ready"

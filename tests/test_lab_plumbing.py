@@ -22,6 +22,7 @@ from ferry.lab.host import RCU_EXPEDITED, rcu_expedited, restore_rcu
 from ferry.lab.lab import Lab, LabError, destroy_leftovers, leftovers
 from ferry.lab.netns import netns_exists, pid_alive, wait_for
 from ferry.lab.ovs_instance import OvsError, OvsInstance
+from tests.labkit import udp_through_vif_churn
 
 pytestmark = [
     pytest.mark.lab,
@@ -220,57 +221,14 @@ def test_udp_and_tcp_between_vms_across_chassis(lab2: Lab) -> None:
             proc.wait()
 
 
-UDP_SEQ_SINK = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-s.settimeout(float(sys.argv[2]))
-got = set()
-try:
-    while True:
-        got.add(int(s.recv(64)))
-except TimeoutError:
-    pass
-print(len(got), max(got) + 1 if got else 0)
-"""
-
-UDP_SEQ_SOURCE = """
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-start = time.monotonic()
-for seq in range(int(sys.argv[3])):
-    time.sleep(max(0.0, start + seq / 1000 - time.monotonic()))
-    s.sendto(str(seq).encode(), (sys.argv[1], int(sys.argv[2])))
-"""
-
-
 def test_vif_churn_loses_no_tunnelled_packet(lab2: Lab) -> None:
     """VIFs plugged and unplugged on a chassis cost its other VMs' Geneve traffic nothing.
     (OVS re-reads its copy of the kernel's routes at every link change; the lab pins the
     underlay route so that a tunnelled flow never meets the empty table.)"""
     geneve_pair(lab2)
-    sent = 6000  # 1 kHz for 6 s
-    sink = lab2.popen_in_vm("c", [sys.executable, "-c", UDP_SEQ_SINK, "9997", "1.0"],
-                            stdout=subprocess.PIPE, text=True)
-    source = None
-    try:
-        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-        source = lab2.popen_in_vm("a", [sys.executable, "-c", UDP_SEQ_SOURCE, "10.0.0.3",
-                                        "9997", str(sent)])
-        cycles = 0
-        while source.poll() is None:  # churn on the sender's chassis while it sends
-            lab2.add_vm("z", "chassis-1", MAC.format(9), "10.0.0.9/24", "port-z")
-            lab2.delete_vm("z")
-            cycles += 1
-        assert source.returncode == 0
-        out, _ = sink.communicate(timeout=10)
-    finally:
-        for proc in (source, sink):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    received, highest = map(int, out.split())
+    sent = 6000  # 1 kHz for 6 s, with the churn on the sender's chassis
+    received, highest, cycles = udp_through_vif_churn(
+        lab2, "a", "c", "10.0.0.3", "chassis-1", MAC.format(9), "10.0.0.9/24", sent)
     print(f"{cycles} VIF plug/unplug cycles; {received} of {sent} packets received")
     assert cycles >= 10 and highest == sent
     assert received == sent

@@ -8,6 +8,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -16,6 +17,7 @@ from ferry.lab.lab import Lab
 from ferry.lab.migrate import (
     HYPERVISOR_RT_PRIORITY,
     IN_PLACE,
+    MigrationRun,
     activate_destination,
     migrate,
     pause_in_place,
@@ -70,21 +72,29 @@ async def rig() -> AsyncIterator[Rig]:
 
 async def test_activation_in_the_datapath_before_novas_post_migration(
         rig: Rig, tmp_path: Path) -> None:
+    # Delivery resumes on the destination long before the source goes away: the datapath
+    # activates the port on the VM's RARP, no controller round trip involved.
+    run = await migrate_under_probe(rig, tmp_path, "chassis-2")
+    assert run.mode == "live"
+
+
+async def migrate_under_probe(rig: Rig, tmp_path: Path, dest: str,
+                              **kwargs: Any) -> MigrationRun:
+    """:func:`migrate` to ``dest`` under the probe (``kwargs`` go to it), 50 ms pause, Nova's
+    post-migration late; delivery must resume long before it, nothing twice."""
     async with Probe(rig.lab, "vm", ["c1", "c2", "c3"], out_dir=tmp_path / "probe") as probe:
         await probe.await_delivered(100)
-        run = await migrate(rig.lab, rig.api, "vm", "chassis-2", pause_ms=50,
-                            unplug_delay_ms=UNPLUG_DELAY_MS)
+        run = await migrate(rig.lab, rig.api, "vm", dest, pause_ms=50,
+                            unplug_delay_ms=UNPLUG_DELAY_MS, **kwargs)
         await probe.await_delivered(100, since_ns=now_ns())
-    assert run.mode == "live"
     report = probe.report(pause=run.pause_window_ns, around_ms=UNPLUG_DELAY_MS + 200)
     print("\n" + report.to_text())
     for c in report.clients:
         assert c.duplicated == 0, c
         assert c.downtime is not None and c.downtime.recovered, c
-        # Delivery resumed on the destination long before the source went away: the
-        # datapath activated the port on the VM's RARP, no controller round trip involved.
         assert c.downtime_beyond_pause_ms is not None
         assert c.downtime_beyond_pause_ms < UNPLUG_DELAY_MS / 3, c
+    return run
 
 
 @pytest.mark.parametrize("mode", ["live", "spec"])
@@ -95,12 +105,8 @@ async def test_novas_binding_activation_at_the_pause(rig: Rig, tmp_path: Path,
     long before Nova's unplug, nothing twice, and the migration ends done."""
     source = rig.lab.vm("vm").active_vif.chassis  # type: ignore[union-attr]
     dest = next(c for c in ALL_CHASSIS if c != source)
-    async with Probe(rig.lab, "vm", ["c1", "c2", "c3"], out_dir=tmp_path / "probe") as probe:
-        await probe.await_delivered(100)
-        run = await migrate(rig.lab, rig.api, "vm", dest, pause_ms=50,
-                            unplug_delay_ms=UNPLUG_DELAY_MS, mode=mode,
-                            binding_activation="at-pause")
-        await probe.await_delivered(100, since_ns=now_ns())
+    run = await migrate_under_probe(rig, tmp_path, dest, mode=mode,
+                                    binding_activation="at-pause")
     assert run.mode == mode
     assert run.events["binding_activated"] < run.events["unplugging"], run.events
     assert run.record is not None and run.record["status"] == "done", run.record
@@ -110,13 +116,6 @@ async def test_novas_binding_activation_at_the_pause(rig: Rig, tmp_path: Path,
         f"acked.{ch}.done" in m["timestamps"] for ch in ALL_CHASSIS), 10)
     acks = {ch: m["timestamps"][f"acked.{ch}.done"] for ch in ALL_CHASSIS}
     assert max(acks.values()) < run.wall["unplugging"], (acks, run.wall)
-    report = probe.report(pause=run.pause_window_ns, around_ms=UNPLUG_DELAY_MS + 200)
-    print("\n" + report.to_text())
-    for c in report.clients:
-        assert c.duplicated == 0, c
-        assert c.downtime is not None and c.downtime.recovered, c
-        assert c.downtime_beyond_pause_ms is not None
-        assert c.downtime_beyond_pause_ms < UNPLUG_DELAY_MS / 3, c
 
 
 async def test_nothing_for_the_stopped_copy_after_activation(rig: Rig, tmp_path: Path) -> None:

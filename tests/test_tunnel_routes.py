@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import subprocess
-import sys
 
 import pytest
 
@@ -15,7 +13,7 @@ from ferry.lab.lab import Lab
 from ferry.lab.netns import wait_for
 from ferry.lab.nova import boot
 from ferry.lab.session import lab_session
-from tests.test_lab_plumbing import UDP_SEQ_SINK, UDP_SEQ_SOURCE
+from tests.labkit import udp_through_vif_churn
 
 SHOW = """Route Table:
 Cached: 127.0.0.1/32 dev lo SRC 127.0.0.1 local
@@ -105,33 +103,11 @@ async def test_the_agents_pins_keep_geneve_whole_through_vif_churn() -> None:
             assert _pins(lab, ch) == [mine]
         await asyncio.to_thread(wait_for, lambda: lab.exec_in_vm(
             "a", ["ping", "-c1", "-W1", ips["c"]]).returncode == 0, 10, 0.1, "a → c")
-        sent, received, cycles = await asyncio.to_thread(_churn, lab, ips["c"])
+        sent = 6000
+        received, _, cycles = await asyncio.to_thread(
+            udp_through_vif_churn, lab, "a", "c", ips["c"], "chassis-1", "fa:16:3e:00:0e:09",
+            "10.80.0.99/24", sent)
     print(f"\n{cycles} VIF plug/unplug cycles on the sender's chassis; {received} of {sent} "
           "Geneve packets received")
     assert cycles >= 10
     assert received == sent
-
-
-def _churn(lab: Lab, target: str) -> tuple[int, int, int]:
-    sent = 6000  # 1 kHz for 6 s
-    sink = lab.popen_in_vm("c", [sys.executable, "-c", UDP_SEQ_SINK, "9997", "1.0"],
-                           stdout=subprocess.PIPE, text=True)
-    source = None
-    try:
-        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-        source = lab.popen_in_vm("a", [sys.executable, "-c", UDP_SEQ_SOURCE, target, "9997",
-                                       str(sent)])
-        cycles = 0
-        while source.poll() is None:
-            lab.add_vm("z", "chassis-1", "fa:16:3e:00:0e:09", "10.80.0.99/24", "port-z")
-            lab.delete_vm("z")
-            cycles += 1
-        assert source.returncode == 0
-        out, _ = sink.communicate(timeout=10)
-    finally:
-        for proc in (source, sink):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    received, _highest = map(int, out.split())
-    return sent, received, cycles
