@@ -9,11 +9,13 @@ import ipaddress
 import pytest
 
 from ferry.agent.tunnel_routes import kernel_route, parse_routes, plan
+from ferry.lab import netns as nx
 from ferry.lab.lab import Lab
-from ferry.lab.netns import wait_for
+from ferry.lab.netns import pid_alive, wait_for
 from ferry.lab.nova import boot
 from ferry.lab.session import lab_session
 from tests.labkit import udp_through_vif_churn
+from tests.test_openflow import restart_vswitchd
 
 SHOW = """Route Table:
 Cached: 127.0.0.1/32 dev lo SRC 127.0.0.1 local
@@ -111,3 +113,40 @@ async def test_the_agents_pins_keep_geneve_whole_through_vif_churn() -> None:
           "Geneve packets received")
     assert cycles >= 10
     assert received == sent
+
+
+@pytest.mark.lab
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_restarted_vswitchd_gets_its_pins_back() -> None:
+    """A restarted ovs-vswitchd has forgotten every pin (the lab's own one stays gone): the
+    agent puts its own back once its switch reconnects."""
+    async with lab_session(2) as (lab, _api):
+        ch = lab.chassis("chassis-1")
+        ovs = lab.ovs(ch.name)
+        mine = (ipaddress.ip_network(lab.chassis("chassis-2").tunnel_ip), "br-phy")
+        labs = (ipaddress.ip_interface(ch.tunnel_cidr).network, "br-phy")
+
+        def pins() -> list[tuple[object, str]]:
+            out = ovs.appctl("ovs-vswitchd", "ovs/route/show")
+            return [(r.prefix, r.dev) for r in parse_routes(out) if r.user]
+
+        await asyncio.to_thread(wait_for, lambda: mine in pins(), 10, 0.1, "the first pin")
+        assert labs in pins()
+        old = ovs.pids["ovs-vswitchd"]
+        await asyncio.to_thread(ovs.appctl, "ovs-vswitchd", "exit")
+        await asyncio.to_thread(wait_for, lambda: not pid_alive(old), 10, 0.05,
+                                "ovs-vswitchd gone")
+        await asyncio.to_thread(restart_vswitchd, ovs)
+        await asyncio.to_thread(wait_for, lambda: link_exists(ch.netns, "br-phy"), 10, 0.05,
+                                "br-phy back")
+        # The host's network configuration would give br-phy its address again if its tap
+        # had gone with the daemon.
+        nx.ip(ch.netns, "addr", "replace", ch.tunnel_cidr, "dev", "br-phy")
+        nx.link_set(ch.netns, "br-phy", "up")
+        await asyncio.to_thread(wait_for, lambda: mine in pins(), 15, 0.1,
+                                "the pin after the restart")
+        assert labs not in pins()  # the restart did forget the pins
+
+
+def link_exists(netns: str, name: str) -> bool:
+    return nx.run(nx.in_netns(netns, ["ip", "link", "show", name])).returncode == 0
