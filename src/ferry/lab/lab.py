@@ -413,7 +413,9 @@ class Lab:
         probe client there whose traffic is tunnelled (5 runs), none with the route pinned
         (2 runs); the plumbing test's 76-80 VIF plug/unplug cycles under a 1 kHz Geneve
         sender lost 35-65 of 6000 packets without it (3 runs), none with it. A route added
-        with ``ovs/route/add`` is OVS's own and survives the re-reads."""
+        with ``ovs/route/add`` is OVS's own and survives the re-reads. Ferry's agents pin a
+        /32 per other chassis themselves (:mod:`ferry.agent.tunnel_routes`); this subnet pin
+        serves the labs that run no controller (the plumbing tests)."""
         macs = {ch.name: nx.link_mac(ch.netns, PHY_BRIDGE) for ch in self.state.chassis}
         for ch in self.state.chassis:
             ovs = self.ovs(ch.name)
