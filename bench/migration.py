@@ -196,19 +196,15 @@ def main() -> None:
                 "to-unplug p99", "to-unplug max", "converge p50", "converge p99", "lost",
                 "dup", "reord", "dest flows", "send late max"):
         table.add_column(col, justify="right")
+    grid = list(cells(results, plan, classes, pauses, modes))
     report = {}
-    for cls in classes:
-        for pause in pauses:
-            for mode in modes:
-                rs = [r for r, (m, p) in zip(results, plan, strict=True)
-                      if m == mode and p == pause]
-                f = figures(rs, cls)
-                report[f"{cls}/{mode}/{pause:g}"] = f
-                add_row(table, cls, mode, pause, f)
+    for cls, pause, mode, rs in grid:
+        f = figures(rs, cls)
+        report[f"{cls}/{mode}/{pause:g}"] = f
+        add_row(table, cls, mode, pause, f)
     console.print(table)
     if a.hops:
         console.print(hops_table(report, classes, pauses, modes))
-    grid = list(cells(results, plan, classes, pauses, modes))
     if sched is not None:
         console.print(sched_table(sched, grid))
     if watch is not None:

@@ -10,9 +10,9 @@ import pytest
 
 from ferry.agent.tunnel_routes import kernel_route, parse_routes, plan
 from ferry.lab import netns as nx
-from ferry.lab.lab import Lab
 from ferry.lab.netns import pid_alive, wait_for
 from ferry.lab.nova import boot
+from ferry.lab.ovs_instance import OvsInstance
 from ferry.lab.session import lab_session
 from tests.labkit import udp_through_vif_churn
 from tests.test_openflow import restart_vswitchd
@@ -70,8 +70,9 @@ def test_a_pin_outlives_a_moment_with_no_kernel_route() -> None:
 PRIVATE = "10.80.0.0/24"
 
 
-def _pins(lab: Lab, chassis: str) -> list[tuple[object, str]]:
-    out = lab.ovs(chassis).appctl("ovs-vswitchd", "ovs/route/show")
+def _pins(ovs: OvsInstance) -> list[tuple[object, str]]:
+    """The user routes of that OVS: (prefix, device)."""
+    out = ovs.appctl("ovs-vswitchd", "ovs/route/show")
     return [(r.prefix, r.dev) for r in parse_routes(out) if r.user]
 
 
@@ -94,7 +95,7 @@ async def test_the_agents_pins_keep_geneve_whole_through_vif_churn() -> None:
             underlay = ipaddress.ip_interface(lab.chassis(ch).tunnel_cidr).network
             mine = (ipaddress.ip_network(theirs), "br-phy")
             both = sorted([mine, (underlay, "br-phy")])  # type: ignore[type-var]
-            await asyncio.to_thread(wait_for, lambda: sorted(_pins(lab, ch)) == both,  # type: ignore[type-var]  # noqa: B023
+            await asyncio.to_thread(wait_for, lambda: sorted(_pins(ovs)) == both,  # type: ignore[type-var]  # noqa: B023
                                     10, 0.1, f"{ch}'s agent pins its route to {other}")
             # The lab's own pin of the whole underlay subnet goes. Deleting a route makes OVS
             # forget br-phy's address as a tunnel endpoint until a route on br-phy is added:
@@ -102,7 +103,7 @@ async def test_the_agents_pins_keep_geneve_whole_through_vif_churn() -> None:
             await asyncio.to_thread(ovs.appctl, "ovs-vswitchd", "ovs/route/del", str(underlay))
             await asyncio.to_thread(ovs.appctl, "ovs-vswitchd", "ovs/route/add",
                                     f"{theirs}/32", "br-phy")
-            assert _pins(lab, ch) == [mine]
+            assert _pins(ovs) == [mine]
         await asyncio.to_thread(wait_for, lambda: lab.exec_in_vm(
             "a", ["ping", "-c1", "-W1", ips["c"]]).returncode == 0, 10, 0.1, "a → c")
         sent = 6000
@@ -125,13 +126,8 @@ async def test_a_restarted_vswitchd_gets_its_pins_back() -> None:
         ovs = lab.ovs(ch.name)
         mine = (ipaddress.ip_network(lab.chassis("chassis-2").tunnel_ip), "br-phy")
         labs = (ipaddress.ip_interface(ch.tunnel_cidr).network, "br-phy")
-
-        def pins() -> list[tuple[object, str]]:
-            out = ovs.appctl("ovs-vswitchd", "ovs/route/show")
-            return [(r.prefix, r.dev) for r in parse_routes(out) if r.user]
-
-        await asyncio.to_thread(wait_for, lambda: mine in pins(), 10, 0.1, "the first pin")
-        assert labs in pins()
+        await asyncio.to_thread(wait_for, lambda: mine in _pins(ovs), 10, 0.1, "the first pin")
+        assert labs in _pins(ovs)
         old = ovs.pids["ovs-vswitchd"]
         await asyncio.to_thread(ovs.appctl, "ovs-vswitchd", "exit")
         await asyncio.to_thread(wait_for, lambda: not pid_alive(old), 10, 0.05,
@@ -143,9 +139,9 @@ async def test_a_restarted_vswitchd_gets_its_pins_back() -> None:
         # had gone with the daemon.
         nx.ip(ch.netns, "addr", "replace", ch.tunnel_cidr, "dev", "br-phy")
         nx.link_set(ch.netns, "br-phy", "up")
-        await asyncio.to_thread(wait_for, lambda: mine in pins(), 15, 0.1,
+        await asyncio.to_thread(wait_for, lambda: mine in _pins(ovs), 15, 0.1,
                                 "the pin after the restart")
-        assert labs not in pins()  # the restart did forget the pins
+        assert labs not in _pins(ovs)  # the restart did forget the pins
 
 
 def link_exists(netns: str, name: str) -> bool:

@@ -25,11 +25,11 @@ MAC is unique (a claim of the store), stays the same wherever the VM runs, so th
 ARP cache is never wrong, and a migration only has to move the external L2 fabric's
 forwarding entry: the VM's RARP on resume, sent out to the external networks by the
 chassis where it resumes (l2 app), and the gratuitous ARP of the chassis where the port is
-now Local (the agent). Only a chassis where the VM runs announces: a destination that announced from
-the claim (as Ferry once did) taught the source chassis' br-ex that the VM's MAC is on its
-uplink, while the VM still ran behind its patch port; when the fabric then sent the outside's
-frames to the source (taught back by the VM's own replies in flight), that br-ex dropped them
-until the resume (lab: 1 migration in 30-100, 120-150 ms of FIP traffic lost).
+now Local (the agent). Only a chassis where the VM runs announces: a destination that
+announced from the claim (as Ferry once did) taught the source chassis' br-ex that the VM's
+MAC is on its uplink, while the VM still ran behind its patch port; when the fabric then sent
+the outside's frames to the source (taught back by the VM's own replies in flight), that br-ex
+dropped them until the resume (lab: 1 migration in 30-100, 120-150 ms of FIP traffic lost).
 
 Where.  The chassis where the port is: Local, Outgoing (a live migration's source until step
 2) and Incoming (its destination) do DNAT and SNAT; ARP requests for the FIP are answered on
