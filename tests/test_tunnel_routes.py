@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 
+from ferry.agent.route_events import RouteEvents, RouteEventsError, vswitchd_netns
 from ferry.agent.tunnel_routes import kernel_route, parse_routes, plan
 from ferry.lab import netns as nx
 from ferry.lab.netns import pid_alive, wait_for
@@ -146,3 +150,68 @@ async def test_a_restarted_vswitchd_gets_its_pins_back() -> None:
 
 def link_exists(netns: str, name: str) -> bool:
     return nx.run(nx.in_netns(netns, ["ip", "link", "show", name])).returncode == 0
+
+
+# -- the kernel's route changes reach the pins at once ---------------------------------------
+
+
+@pytest.mark.lab
+@pytest.mark.asyncio(loop_scope="function")
+async def test_route_changes_are_heard_in_the_namespace_watched() -> None:
+    """The notifications come from the namespace given (OVS's), not the agent's own: the only
+    change made is in that namespace."""
+    name = f"ferry-rt-{uuid.uuid4().hex[:8]}"
+    nx.netns_add(name)
+    try:
+        heard = asyncio.Event()
+        events = RouteEvents(nx.NETNS_DIR / name, heard.set)
+        events.start()
+        try:
+            assert not heard.is_set()
+            await asyncio.to_thread(nx.ip, name, "route", "add", "10.81.0.0/24", "dev", "lo")
+            await asyncio.wait_for(heard.wait(), 5)
+        finally:
+            events.close()
+    finally:
+        nx.netns_delete(name)
+
+
+def test_no_namespace_is_a_named_error(tmp_path: Path) -> None:
+    with pytest.raises(RouteEventsError, match=r"ovs-vswitchd\.pid"):
+        vswitchd_netns(tmp_path)
+    with pytest.raises(RouteEventsError, match="nowhere"):
+        RouteEvents(tmp_path / "nowhere", lambda: None).start()
+
+
+def _pins_with_gateways(ovs: OvsInstance) -> dict[str, tuple[str, str | None]]:
+    out = ovs.appctl("ovs-vswitchd", "ovs/route/show")
+    return {str(r.prefix): (r.dev, r.gw) for r in parse_routes(out) if r.user}
+
+
+@pytest.mark.lab
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_pin_follows_the_kernels_route_at_once() -> None:
+    """A new kernel route to the other chassis (through a gateway) and its removal each reach
+    the agent's pin within seconds, long before its periodic check (``REFRESH_S``)."""
+    async with lab_session(2) as (lab, _api):
+        ch, theirs = lab.chassis("chassis-1"), lab.chassis("chassis-2").tunnel_ip
+        ovs, pin = lab.ovs(ch.name), f"{theirs}/32"
+        underlay = ipaddress.ip_interface(ch.tunnel_cidr).network
+        gateway = str(underlay[250])
+
+        def pinned(want: tuple[str, str | None]) -> bool:
+            return _pins_with_gateways(ovs).get(pin) == want
+
+        await asyncio.to_thread(wait_for, lambda: pinned(("br-phy", None)), 10, 0.05,
+                                "the first pin")
+        took = []
+        for change, want, label in (
+                (("add", pin, "via", gateway, "dev", "br-phy"), ("br-phy", gateway),
+                 "the pin through the new gateway"),
+                (("del", pin), ("br-phy", None), "the pin back on the link")):
+            start = time.monotonic()
+            nx.ip(ch.netns, "route", *change)
+            await asyncio.to_thread(wait_for, lambda: pinned(want), 3, 0.01, label)  # noqa: B023
+            took.append(time.monotonic() - start)
+    print("\nthe pin followed the kernel's route in " + ", ".join(f"{t * 1000:.0f} ms"
+                                                                 for t in took))

@@ -22,8 +22,9 @@ from typing import Any
 from ferry.agent.datapath import apply_conntrack_settings
 from ferry.agent.flowsync import FlowSync
 from ferry.agent.migrations import MigrationPublisher
+from ferry.agent.route_events import RouteEvents, RouteEventsError, vswitchd_netns
 from ferry.agent.subscriptions import Change, Deleted, Resynced, Subscriptions, Updated
-from ferry.agent.tunnel_routes import REFRESH_S, TunnelRoutes
+from ferry.agent.tunnel_routes import POLL_S, REFRESH_S, SETTLE_S, TunnelRoutes
 from ferry.core.apps import fip
 from ferry.core.chassis import ChassisCore, Output, PortBound, PortUnbound
 from ferry.core.migration import Activated, ack_phase
@@ -123,6 +124,8 @@ class ChassisAgent:
         self.routes = (TunnelRoutes(config.chassis, rundir)
                        if config.pin_tunnel_routes and rundir is not None else None)
         self._routes_now = asyncio.Event()
+        self._route_events: RouteEvents | None = None
+        self._route_events_stale = True  # (re)opened at the start and on every reconnect
 
     @property
     def name(self) -> str:
@@ -162,7 +165,8 @@ class ChassisAgent:
             task = asyncio.create_task(apply_conntrack_settings(self.name, rundir))
             self._ack_tasks.add(task)
             task.add_done_callback(self._ack_tasks.discard)
-            self._routes_now.set()  # and its pinned routes
+            self._route_events_stale = True  # and its pinned routes
+            self._routes_now.set()
 
     def _remote_tunnel_ips(self) -> set[str]:
         return {str(ch.tunnel_ip) for ch in self.core.topology.table(Chassis).values()
@@ -170,19 +174,51 @@ class ChassisAgent:
 
     async def _route_loop(self) -> None:
         """Keep the tunnel routes pinned: at once when the set of other chassis changes or
-        ovs-vswitchd (re)connects, and every ``REFRESH_S`` to follow the kernel's routes."""
+        ovs-vswitchd (re)connects; after each change of the kernel's routes where OVS reads
+        them (``SETTLE_S`` later, as OVS re-reads its copy first); and every ``REFRESH_S``
+        (``POLL_S`` if the kernel's notifications cannot be had)."""
         assert self.routes is not None
         loop = asyncio.get_running_loop()
         done: set[str] | None = None
         last = 0.0
-        while True:
-            remotes = self._remote_tunnel_ips()
-            if self._routes_now.is_set() or remotes != done or loop.time() - last >= REFRESH_S:
-                self._routes_now.clear()
-                await self.routes.sync(remotes)
-                done, last = remotes, loop.time()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._routes_now.wait(), 1.0)
+        try:
+            while True:
+                if self._route_events_stale:
+                    self._listen_to_routes()
+                every = REFRESH_S if self._route_events is not None else POLL_S
+                remotes = self._remote_tunnel_ips()
+                if self._routes_now.is_set() or remotes != done or loop.time() - last >= every:
+                    self._routes_now.clear()
+                    await self.routes.sync(remotes)
+                    done, last = remotes, loop.time()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._routes_now.wait(), 1.0)
+        finally:
+            if self._route_events is not None:
+                self._route_events.close()
+
+    def _listen_to_routes(self) -> None:
+        """(Re)open the kernel's route notifications in ovs-vswitchd's namespace."""
+        rundir = self.config.vswitchd_rundir
+        assert rundir is not None
+        self._route_events_stale = False
+        if self._route_events is not None:
+            self._route_events.close()
+            self._route_events = None
+        loop = asyncio.get_running_loop()
+
+        def changed() -> None:
+            for delay in SETTLE_S:
+                loop.call_later(delay, self._routes_now.set)
+
+        try:
+            events = RouteEvents(vswitchd_netns(rundir), changed)
+            events.start()
+        except RouteEventsError as e:
+            log.warning("chassis %s: no route notifications (%s): tunnel route pins follow "
+                        "the kernel's routes every %.0f s", self.name, e, POLL_S)
+            return
+        self._route_events = events
 
     def _mark_synced(self) -> None:
         tmp = self.config.synced_file.with_suffix(".tmp")

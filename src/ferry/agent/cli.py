@@ -46,8 +46,9 @@ def controller_command(
         "binding:profile ferry_live_fallback overrides it.")] = LiveFallback.SOURCE_UNPLUG,
     pin_tunnel_routes: Annotated[bool, typer.Option(
         "--pin-tunnel-routes/--no-pin-tunnel-routes",
-        help="Pin the route to each other chassis' tunnel IP that the kernel reaches on-link "
-        "in ovs-vswitchd's own table (ovs/route/add), so that OVS's re-reading of the "
+        help="Pin a copy of the kernel's route to each other chassis' tunnel IP in "
+        "ovs-vswitchd's own table (ovs/route/add), kept in step with the kernel's route "
+        "notifications, so that OVS's re-reading of the "
         "kernel's routes at every link change (VIFs plugged and unplugged) drops no "
         "tunnelled packet.")] = True,
 ) -> None:

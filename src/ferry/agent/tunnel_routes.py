@@ -9,8 +9,9 @@ route added with ``ovs/route/add`` is OVS's own and survives the re-reads.
 
 So the agent pins a /32 for each remote chassis' tunnel IP, a copy of OVS's cached kernel
 route to it (device and gateway), and keeps it in step with that route: when the set of chassis
-changes, when ovs-vswitchd (re)connects (a restarted one has forgotten its pins) and every
-``REFRESH_S`` (a kernel route change reaches the pin that much later). A pin is replaced by
+changes, when ovs-vswitchd (re)connects (a restarted one has forgotten its pins), just after
+the kernel's routes change (a /32 pin outranks the kernel route it copies:
+:mod:`ferry.agent.route_events`) and every ``REFRESH_S``. A pin is replaced by
 adding the new one over it, never deleted: deleting any route on a device makes OVS forget that
 device's addresses as tunnel endpoints until a route on it is inserted again
 (``rt_entry_delete__`` in ``lib/ovs-router.c``: Geneve to this chassis was not decapsulated, seen
@@ -30,8 +31,16 @@ from ferry.agent.datapath import DatapathSettingError, appctl
 
 log = logging.getLogger(__name__)
 
-REFRESH_S = 5.0
-"""How often the pins are checked against OVS's copy of the kernel's routes."""
+REFRESH_S = 30.0
+"""How often the pins are checked against OVS's copy of the kernel's routes, besides after
+each change the kernel notifies (:mod:`ferry.agent.route_events`)."""
+
+POLL_S = 5.0
+"""How often, when the kernel's route notifications cannot be had."""
+
+SETTLE_S = (0.02, 0.2, 1.0)
+"""When the pins are checked after a route notification: OVS hears of the change by the same
+notification and must re-read its copy of the routes first."""
 
 _LINE = re.compile(r"^(?P<kind>Cached|User): (?P<prefix>\S+)(?: MARK \d+)? dev (?P<dev>\S+)"
                    r"(?: GW (?P<gw>\S+))?(?: SRC \S+)?(?P<local> local)?\s*$")
