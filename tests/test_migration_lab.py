@@ -172,8 +172,22 @@ async def test_novas_default_order_leaves_fresh_flows(rig: Rig, pause_ms: float)
     assert run.record is not None and run.record["status"] == "done", run.record
     if pause_ms == 0:  # the RARP (and the datapath's learning) came before the binding moved
         assert run.events["announced"] < run.events["binding_activated"], run.events
+        # and the record says when the datapath switched, though its report (held by the
+        # agent) comes after the binding moved
+        m = await _activated_record(rig, run.port_id)
+        assert m["status"] == "done" and m["timestamps"]["activated"] <= m["timestamps"]["bound"]
     await rig.reachable_from_everywhere("vm")
     await rig.assert_flows_equal_fresh_controllers()
+
+
+async def _activated_record(rig: Rig, port_id: str, within: float = 5.0) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        m = await migration_record(rig.api, port_id)
+        if m is not None and m["activated"]:
+            return m
+        assert asyncio.get_running_loop().time() < deadline, f"never recorded activated: {m}"
+        await asyncio.sleep(0.02)
 
 
 async def test_controllers_restarted_mid_migration(rig: Rig) -> None:

@@ -4,7 +4,7 @@ Every write is a compare-and-swap (``Northbound.modify``) re-checked against the
 is now, so repeated or late intents are harmless. Timestamps are wall-clock seconds
 (``time.time``, passed in) keyed by what happened: ``plugged``, ``activated`` (live mode: when
 the destination's datapath reported the VM's first frame; published a little later, see the
-agent), ``source_unplugged``, ``bound``,
+agent, and recorded even if Nova moved the binding meanwhile), ``source_unplugged``, ``bound``,
 ``rolled_back``, and ``acked.<chassis>.<phase>`` once a chassis' flows for the port's new
 location were acknowledged by its switch (phase: the status, or ``activated``, as that
 chassis saw it when it moved the port; ``done`` when it followed the binding itself).
@@ -86,8 +86,14 @@ class MigrationPublisher:
                  self.chassis, c.port_id, c.source, c.dest, c.mode.value)
 
     async def _activated(self, port_id: str, now: float) -> None:
+        # Recorded even if the migration has ended meanwhile: Nova may move the binding
+        # between the datapath's activation and this report (held by the agent), and the
+        # record then still says when the datapath switched. Never for a migration claimed
+        # after that moment, nor for one rolled back.
         def change(m: Migration) -> Migration:
-            if m.activated or m.dest_chassis != self.chassis or not m.in_progress:
+            if (m.activated or m.dest_chassis != self.chassis
+                    or m.status is MigrationStatus.ROLLED_BACK
+                    or m.timestamps.get("plugged", now) > now):
                 return m
             return m.model_copy(update={"activated": True,
                                         "timestamps": {**m.timestamps, "activated": now}})
