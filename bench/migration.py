@@ -42,12 +42,17 @@ the VM's floating IP over the external network), per mode and per pause:
 Every ovs-vswitchd runs at SCHED_FIFO ``--ovs-rt-priority`` (default: above the probe's
 clients, see ferry.demo.OVS_RT_PRIORITY; 0: normal scheduling). The host's RCU grace periods
 are expedited while the lab runs unless ``--normal-rcu`` (ferry.lab.host).
+
+``OUT/bench.json`` (``--out``) keeps the arguments, every table cell's figures and every run's
+own (per class, its hops with ``--hops``, the host's worst stall in its window with
+``--host-watch``), for a look at the runs behind a tail.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -209,8 +214,12 @@ def main() -> None:
         console.print(sched_table(sched, grid))
     if watch is not None:
         console.print(host_table(watch, grid))
+    stalls = watch.stalls() if watch is not None else None
+    runs = [{**dataclasses.asdict(r), "host_stall_ms": None if stalls is None
+             else worst_within(stalls, *r.window_ns) / 1e6} for r in results]
     (a.out / "bench.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(a).items()}, "figures": report}, indent=1))
+        {"args": {k: str(v) for k, v in vars(a).items()}, "figures": report, "runs": runs},
+        indent=1))
 
 
 def add_row(table: Table, cls: str, mode: str, pause: float, f: dict[str, float]) -> None:
