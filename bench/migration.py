@@ -249,9 +249,10 @@ def host_table(watch: HostWatch, grid: list[Cell]) -> Table:
     stalls = watch.stalls()
     table = Table(title=f"downtime beyond the pause (ms) of the runs the host did not stall "
                         f"(no wake-up of a SCHED_FIFO 98 sleeper {HOST_STALL_NS / 1e6:g} ms "
-                        "late or more within the run's window), beside all runs")
+                        "late or more within the run's window), in the whole window and up to "
+                        "Nova's source unplug, beside all runs")
     for col in ("class", "mode", "pause ms", "host-stalled runs", "worst stall ms", "p50",
-                "p99", "max", "all: p99", "all: max"):
+                "p99", "max", "to-unplug p99", "to-unplug max", "all: p99", "all: max"):
         table.add_column(col, justify="right")
 
     def fig(vs: list[float], q: float) -> str:
@@ -260,12 +261,14 @@ def host_table(watch: HostWatch, grid: list[Cell]) -> Table:
     for cls, pause, mode, runs in grid:
         rs = [r for r in runs if cls in r.by_class]
         stall = {r.number: worst_within(stalls, *r.window_ns) for r in rs}
-        calm = [r.by_class[cls]["beyond_pause_ms"] for r in rs
-                if stall[r.number] < HOST_STALL_NS]
+        quiet = [r.by_class[cls] for r in rs if stall[r.number] < HOST_STALL_NS]
+        calm = [c["beyond_pause_ms"] for c in quiet]
+        switch = [c["switch_beyond_ms"] for c in quiet if not math.isnan(c["switch_beyond_ms"])]
         every = [r.by_class[cls]["beyond_pause_ms"] for r in rs]
         table.add_row(cls, mode, f"{pause:g}", f"{len(rs) - len(calm)}/{len(rs)}",
                       f"{max(stall.values(), default=0) / 1e6:.1f}", fig(calm, 0.5),
-                      fig(calm, 0.99), fig(calm, 1.0), fig(every, 0.99), fig(every, 1.0))
+                      fig(calm, 0.99), fig(calm, 1.0), fig(switch, 0.99), fig(switch, 1.0),
+                      fig(every, 0.99), fig(every, 1.0))
     return table
 
 
