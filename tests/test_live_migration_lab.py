@@ -141,6 +141,38 @@ async def test_nothing_for_the_stopped_copy_after_activation(rig: Rig, tmp_path:
     assert all(c.duplicated == 0 for c in report.clients)
 
 
+async def test_nothing_for_the_stopped_copy_when_the_vm_comes_back(rig: Rig,
+                                                                    tmp_path: Path) -> None:
+    """The VM goes back to a chassis it left a moment ago. Every chassis still caches, in its
+    datapath, the flow its RARP from there took then; the new RARP matches it and takes no
+    slow path. It must still switch them all: from the moment the VM runs on the destination,
+    no client's packet reaches the stopped copy (counted on its interface in the VM)."""
+    first = rig.lab.vm("vm").active_vif.chassis  # type: ignore[union-attr]
+    second = next(c for c in ("chassis-1", "chassis-2", "chassis-3") if c != first)
+    async with Probe(rig.lab, "vm", ["c1", "c2", "c3"], out_dir=tmp_path / "probe") as probe:
+        await probe.await_delivered(100)
+        for dest in (second, first):
+            await migrate(rig.lab, rig.api, "vm", dest, pause_ms=20, mode="live")
+        run = await pre_migration(rig.lab, rig.api, "vm", second)
+        vif = rig.lab.vm("vm").vif(run.source)
+        assert vif is not None
+        await stop_and_resume(rig.lab, run)
+        at_resume = await asyncio.to_thread(rx_packets, rig.lab, vif.guest_if)
+        await probe.await_delivered(200, since_ns=now_ns())
+        later = await asyncio.to_thread(rx_packets, rig.lab, vif.guest_if)
+        await unplug_source(rig.lab, run)
+        await post_migration(rig.api, run)
+        assert await wait_done(rig.api, run.port_id, 10) is not None
+    assert later == at_resume, f"{later - at_resume} packets reached the stopped copy"
+    report = probe.report(pause=run.pause_window_ns)
+    assert all(c.duplicated == 0 for c in report.clients)
+
+
+def rx_packets(lab: Lab, iface: str) -> int:
+    out = lab.exec_in_vm("vm", ["cat", f"/sys/class/net/{iface}/statistics/rx_packets"])
+    return int(out.stdout)
+
+
 async def test_the_controllers_hear_of_the_activation_before_novas_post_migration(
         rig: Rig, tmp_path: Path) -> None:
     """The destination's datapath reports the activation (a packet-in); every chassis then

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
@@ -222,6 +223,7 @@ def sample_flows() -> list[Flow]:
              (SetField("tunnel_id", 99), Controller(200, userdata=b"hello")), cookie=2),
         Flow(1, 60, Match(tun_id=6), (Controller(0, controller_id=0xFFFF),), cookie=2),
         Flow(2, 70, Match(in_port=5), (learn,), cookie=2),
+        Flow(2, 65, Match(in_port=6), (dataclasses.replace(learn, limit=64),), cookie=2),
         Flow(2, 60, Match(eth_type=0x806, arp_op=1, arp_tpa="10.0.0.1", arp_spa="10.0.0.2",
                           arp_sha="02:00:00:00:00:02"), (), cookie=2),
         Flow(3, 70, Match(eth_type=0x800, ct_state=(0x21, 0x21)),

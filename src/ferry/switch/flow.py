@@ -539,9 +539,14 @@ class Learn:
     flags: int = 0
     fin_idle_timeout: int = 0
     fin_hard_timeout: int = 0
+    limit: int = 0
+    """Nicira learn2: at most this many flows with this cookie in ``table`` (0: no limit).
+    With a limit, OVS also drops rather than keeps a cached datapath flow whose learned
+    flow is missing, so the next such packet goes to the slow path and learns again."""
 
     def __post_init__(self) -> None:
         _check_range("Learn table", self.table, 0, MAX_TABLE)
+        _check_range("Learn limit", self.limit, 0, 0xFFFFFFFF)
         _check_range("Learn priority", self.priority, 0, 0xFFFF)
         _check_range("Learn cookie", self.cookie, 0, COOKIE_MAX)
         _check_range("Learn flags", self.flags, 0, 0xFFFF)

@@ -75,6 +75,50 @@ _MAX_XID = 0xFFFFFFFF
 DEFAULT_CHUNK = 2000
 
 
+NXAST_LEARN2 = 45
+_NX_LEARN_F_WRITE_RESULT = 1 << 2
+
+
+class NXActionLearn2(parser.NXActionLearn):  # type: ignore[misc]
+    """Nicira learn2 (OVS 2.8+): learn with a ``limit`` (os-ken has learn only). On the wire:
+    learn's fields, then limit, result_dst_ofs and 2 pad bytes, then the specs (no result_dst:
+    Ferry does not set NX_LEARN_F_WRITE_RESULT)."""
+
+    _subtype = NXAST_LEARN2
+    _fmt_str = "!HHHQHBxHHIHxx"
+
+    def __init__(self, table_id: int, specs: list[Any], limit: int = 0, **kw: Any) -> None:
+        super().__init__(table_id, specs, **kw)
+        self.limit = limit
+
+    @classmethod
+    def parser(cls, buf: bytes) -> NXActionLearn2:
+        (idle, hard, priority, cookie, flags, table_id, fin_idle, fin_hard, limit,
+         _ofs) = struct.unpack_from(cls._fmt_str, buf, 0)
+        if flags & _NX_LEARN_F_WRITE_RESULT:
+            raise UnsupportedFlow("learn2 with result_dst")
+        rest, specs = buf[struct.calcsize(cls._fmt_str):], []
+        while len(rest) > 0:
+            spec, rest = parser.NXFlowSpecMatch.parse(rest)  # any spec kind
+            if spec is not None:
+                specs.append(spec)
+        return cls(table_id, specs, limit=limit, idle_timeout=idle, hard_timeout=hard,
+                   priority=priority, cookie=cookie, flags=flags, fin_idle_timeout=fin_idle,
+                   fin_hard_timeout=fin_hard)
+
+    def serialize_body(self) -> bytearray:
+        data = bytearray(struct.pack(self._fmt_str, self.idle_timeout, self.hard_timeout,
+                                     self.priority, self.cookie, self.flags, self.table_id,
+                                     self.fin_idle_timeout, self.fin_hard_timeout, self.limit,
+                                     0))
+        for spec in self.specs:
+            data += spec.serialize()
+        return data
+
+
+parser.NXAction.register(NXActionLearn2)
+
+
 class OpenFlowError(RuntimeError):
     """An OpenFlow request failed."""
 
@@ -258,11 +302,13 @@ def _action_to_os_ken(action: Action) -> Any:
     if isinstance(action, DecTtl):
         return parser.OFPActionDecNwTtl()
     if isinstance(action, Learn):
-        return parser.NXActionLearn(
+        learn = NXActionLearn2 if action.limit else parser.NXActionLearn
+        return learn(
             table_id=action.table, specs=[_learn_spec_to_os_ken(s) for s in action.specs],
             idle_timeout=action.idle_timeout, hard_timeout=action.hard_timeout,
             priority=action.priority, cookie=action.cookie, flags=action.flags,
-            fin_idle_timeout=action.fin_idle_timeout, fin_hard_timeout=action.fin_hard_timeout)
+            fin_idle_timeout=action.fin_idle_timeout, fin_hard_timeout=action.fin_hard_timeout,
+            **({"limit": action.limit} if action.limit else {}))
     if isinstance(action, Ct):
         return parser.NXActionCT(
             flags=nicira_ext.NX_CT_F_COMMIT if action.commit else 0, zone_src="",
@@ -436,11 +482,12 @@ def _decode_action(act: Any) -> Action:
                           reason=getattr(act, "reason", OFPR_ACTION),
                           controller_id=getattr(act, "controller_id", 0),
                           userdata=bytes(getattr(act, "userdata", b"")))
-    if isinstance(act, parser.NXActionLearn):
+    if isinstance(act, parser.NXActionLearn):  # NXActionLearn2 too
         return Learn(table=act.table_id, specs=tuple(_decode_learn_spec(s) for s in act.specs),
                      priority=act.priority, idle_timeout=act.idle_timeout,
                      hard_timeout=act.hard_timeout, cookie=act.cookie, flags=act.flags,
-                     fin_idle_timeout=act.fin_idle_timeout, fin_hard_timeout=act.fin_hard_timeout)
+                     fin_idle_timeout=act.fin_idle_timeout, fin_hard_timeout=act.fin_hard_timeout,
+                     limit=getattr(act, "limit", 0))
     if isinstance(act, parser.NXActionCT):
         return _decode_ct(act)
     if isinstance(act, parser.NXActionRegLoad):

@@ -44,6 +44,15 @@ from ferry.switch.flow import (
 ETH_ARP, ETH_IPV4, ETH_RARP, ETH_IPV6 = 0x0806, 0x0800, 0x8035, 0x86DD
 MULTICAST = ("01:00:00:00:00:00", "01:00:00:00:00:00")
 
+LEARN_LIMIT = 64
+"""The limit on every live-migration learn: far above the few flows a port has per table and
+cookie, so it never refuses one. It is there for OVS's datapath cache: the VM's RARP from a
+chassis it left a few seconds earlier matches a datapath flow cached then, takes no slow path,
+and so learns nothing (measured: the third chassis and the source went on sending the stopped
+copy every packet until their controllers caught up). With a limit, OVS drops such a cached
+flow when the new migration's flows are installed, as the learned flow it would refresh does
+not exist (``avoid_caching`` in ofproto-dpif-xlate.c), and the RARP learns again."""
+
 
 def ipv4s(port: LogicalPort) -> list[str]:
     return [str(f.ip_address) for f in port.fixed_ips if f.ip_address.version == 4]
@@ -63,7 +72,7 @@ class Classifier(App):
             # Live migration, destination: the VM's first frame here (its RARP on resume)
             # installs its delivery flow, in the datapath, at once. That flow is exactly the
             # one the L2 app wants once the port is simply local here: nothing to undo later.
-            activate = (Learn(table("egress"), priority=100,
+            activate = (Learn(table("egress"), priority=100, limit=LEARN_LIMIT,
                               cookie=ctx.port_cookie(L2_APP, port),
                               specs=(LearnMatchValue(REG_DST_PORT, port.tunnel_key),
                                      LearnOutput("in_port_nxm"))),)
@@ -93,7 +102,7 @@ class Classifier(App):
         (a packet-in with this flow's cookie), once: the same frame learns a higher-priority
         entry that does nothing, so the frames after it are not sent up."""
         key, t = port.tunnel_key, table("activation")
-        once = Learn(t, priority=110, cookie=ctx.port_cookie(self, port),
+        once = Learn(t, priority=110, cookie=ctx.port_cookie(self, port), limit=LEARN_LIMIT,
                      specs=(LearnMatchValue(REG_SRC_PORT, key),))
         yield Flow(t, 100, Match(reg6=key), (once, ACTIVATION_NOTICE))
 
@@ -240,14 +249,14 @@ class L2(App):
         the first frame from the new one take the slow path, where learn runs."""
         key, cookie = port.tunnel_key, ctx.port_cookie(self, port)
         egress = table("egress")
-        to_dest = Learn(egress, priority=110, cookie=cookie, specs=(
+        to_dest = Learn(egress, priority=110, cookie=cookie, limit=LEARN_LIMIT, specs=(
             LearnMatchValue(REG_DST_PORT, key), LearnMatchValue(REG_FLAGS, 0),
             LearnLoadValue("tunnel_id", net.tunnel_key),
             LearnLoadValue("tun_ipv4_dst", int(ipaddress.IPv4Address(dest.tunnel_ip))),
             LearnOutput("in_port_nxm")))
-        no_local = Learn(egress, priority=110, cookie=cookie, specs=(
+        no_local = Learn(egress, priority=110, cookie=cookie, limit=LEARN_LIMIT, specs=(
             LearnMatchValue(REG_DST_PORT, key), LearnMatchValue(REG_FLAGS, FLAG_FROM_TUNNEL)))
-        no_flood = Learn(egress, priority=110, cookie=cookie, specs=(
+        no_flood = Learn(egress, priority=110, cookie=cookie, limit=LEARN_LIMIT, specs=(
             LearnMatchValue(REG_DST_PORT, key),
             LearnMatchValue(REG_FLAGS, 1, n_bits=1, dst_ofs=FLAG_FLOOD.bit_length() - 1)))
         return Flow(table("tunnel_ingress"), 100,
