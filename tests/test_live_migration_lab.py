@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,15 +130,10 @@ async def test_nothing_for_the_stopped_copy_after_activation(rig: Rig, tmp_path:
         await probe.await_delivered(50, since_ns=run.events["announced"])
         # The VM runs on the destination; the source VIF is still plugged (Nova has not run
         # its post-migration yet) and the probe keeps sending to the VM from everywhere.
-        before = await asyncio.to_thread(rig.flow_packets, run.source, nb_key)
-        await probe.await_delivered(200, since_ns=now_ns())
-        after = await asyncio.to_thread(rig.flow_packets, run.source, nb_key)
-        await unplug_source(rig.lab, run)
-        await post_migration(rig.api, run)
-        assert await wait_done(rig.api, run.port_id, 10) is not None
+        before, after = await counted_then_finished(
+            rig, probe, run, lambda: rig.flow_packets(run.source, nb_key))
     assert after == before, f"{after - before} packets went to the stopped copy"
-    report = probe.report(pause=run.pause_window_ns)
-    assert all(c.duplicated == 0 for c in report.clients)
+    assert all(c.duplicated == 0 for c in probe.report(pause=run.pause_window_ns).clients)
 
 
 async def test_nothing_for_the_stopped_copy_when_the_vm_comes_back(rig: Rig,
@@ -157,20 +152,29 @@ async def test_nothing_for_the_stopped_copy_when_the_vm_comes_back(rig: Rig,
         vif = rig.lab.vm("vm").vif(run.source)
         assert vif is not None
         await stop_and_resume(rig.lab, run)
-        at_resume = await asyncio.to_thread(rx_packets, rig.lab, vif.guest_if)
-        await probe.await_delivered(200, since_ns=now_ns())
-        later = await asyncio.to_thread(rx_packets, rig.lab, vif.guest_if)
-        await unplug_source(rig.lab, run)
-        await post_migration(rig.api, run)
-        assert await wait_done(rig.api, run.port_id, 10) is not None
+        at_resume, later = await counted_then_finished(
+            rig, probe, run, lambda: rx_packets(rig.lab, vif.guest_if))
     assert later == at_resume, f"{later - at_resume} packets reached the stopped copy"
-    report = probe.report(pause=run.pause_window_ns)
-    assert all(c.duplicated == 0 for c in report.clients)
+    assert all(c.duplicated == 0 for c in probe.report(pause=run.pause_window_ns).clients)
 
 
 def rx_packets(lab: Lab, iface: str) -> int:
     out = lab.exec_in_vm("vm", ["cat", f"/sys/class/net/{iface}/statistics/rx_packets"])
     return int(out.stdout)
+
+
+async def counted_then_finished(rig: Rig, probe: Probe, run: MigrationRun,
+                                count: Callable[[], int]) -> tuple[int, int]:
+    """With the VM running on the destination and the source VIF still plugged (Nova's
+    post-migration not yet run): ``count`` now and after 200 more packets of every client;
+    then Nova's post-migration, until the migration is done."""
+    first = await asyncio.to_thread(count)
+    await probe.await_delivered(200, since_ns=now_ns())
+    second = await asyncio.to_thread(count)
+    await unplug_source(rig.lab, run)
+    await post_migration(rig.api, run)
+    assert await wait_done(rig.api, run.port_id, 10) is not None
+    return first, second
 
 
 async def test_the_controllers_hear_of_the_activation_before_novas_post_migration(

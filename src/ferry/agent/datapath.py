@@ -21,14 +21,18 @@ class DatapathSettingError(RuntimeError):
     """ovs-appctl failed; the message says which command and why."""
 
 
-def vswitchd_target(ovs_rundir: Path) -> Path:
-    """ovs-vswitchd's control socket in its run directory (from its pidfile)."""
+def vswitchd_pid(ovs_rundir: Path) -> int:
+    """ovs-vswitchd's pid, from the pidfile in its run directory."""
     pidfile = ovs_rundir / "ovs-vswitchd.pid"
     try:
-        pid = int(pidfile.read_text().strip())
+        return int(pidfile.read_text().strip())
     except (OSError, ValueError) as e:
         raise DatapathSettingError(f"cannot read ovs-vswitchd's pid from {pidfile}: {e}") from e
-    return ovs_rundir / f"ovs-vswitchd.{pid}.ctl"
+
+
+def vswitchd_target(ovs_rundir: Path) -> Path:
+    """ovs-vswitchd's control socket in its run directory."""
+    return ovs_rundir / f"ovs-vswitchd.{vswitchd_pid(ovs_rundir)}.ctl"
 
 
 async def appctl(ovs_rundir: Path, *args: str, within: float = 10.0) -> str:

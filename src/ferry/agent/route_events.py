@@ -28,6 +28,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from ferry.agent.datapath import DatapathSettingError, vswitchd_pid
+
 log = logging.getLogger(__name__)
 
 CLONE_NEWNET = 0x40000000
@@ -41,12 +43,10 @@ class RouteEventsError(RuntimeError):
 
 def vswitchd_netns(ovs_rundir: Path) -> Path:
     """ovs-vswitchd's network namespace, from the pidfile in its run directory."""
-    pidfile = ovs_rundir / "ovs-vswitchd.pid"
     try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError) as e:
-        raise RouteEventsError(f"cannot read ovs-vswitchd's pid from {pidfile}: {e}") from e
-    return Path(f"/proc/{pid}/ns/net")
+        return Path(f"/proc/{vswitchd_pid(ovs_rundir)}/ns/net")
+    except DatapathSettingError as e:
+        raise RouteEventsError(str(e)) from e
 
 
 def _same_netns(path: Path) -> bool:
