@@ -21,6 +21,7 @@ from ferry.lab.migrate import (
     pre_migration,
     stop_and_resume,
     unplug_source,
+    wait_record,
 )
 from ferry.lab.neutron import Neutron
 from ferry.lab.nova import boot
@@ -174,20 +175,10 @@ async def test_novas_default_order_leaves_fresh_flows(rig: Rig, pause_ms: float)
         assert run.events["announced"] < run.events["binding_activated"], run.events
         # and the record says when the datapath switched, though its report (held by the
         # agent) comes after the binding moved
-        m = await _activated_record(rig, run.port_id)
+        m = await wait_record(rig.api, run.port_id, lambda r: r["activated"], 5.0)
         assert m["status"] == "done" and m["timestamps"]["activated"] <= m["timestamps"]["bound"]
     await rig.reachable_from_everywhere("vm")
     await rig.assert_flows_equal_fresh_controllers()
-
-
-async def _activated_record(rig: Rig, port_id: str, within: float = 5.0) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        m = await migration_record(rig.api, port_id)
-        if m is not None and m["activated"]:
-            return m
-        assert asyncio.get_running_loop().time() < deadline, f"never recorded activated: {m}"
-        await asyncio.sleep(0.02)
 
 
 async def test_controllers_restarted_mid_migration(rig: Rig) -> None:

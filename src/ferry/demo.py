@@ -24,10 +24,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ferry.lab.cli import BindingActivationOpt
 from ferry.lab.host import rcu_expedited
 from ferry.lab.lab import EXTERNAL_PHYSNET, Lab, LabError, destroy_leftovers
 from ferry.lab.migrate import (
-    BINDING_ACTIVATIONS,
     IN_PLACE,
     LINKS,
     MigrationRun,
@@ -434,21 +434,13 @@ def demo_command(
         help="Expedited RCU grace periods on this host while the lab runs (put back after): "
              "deleting a port (Nova's unplug) then does not stall the chassis' userspace "
              "datapath for 5-25 ms.")] = True,
-    binding_activation: Annotated[str, typer.Option(
-        help="When Nova activates the destination's port binding: after-unplug (the spec's "
-             "order), before-unplug (Nova's post-live-migration with port bindings) or "
-             "at-pause (Nova's default: on libvirt's event that the source paused for the "
-             "last copy).")] = "after-unplug",
+    binding_activation: BindingActivationOpt = "after-unplug",
 ) -> None:
     """Migrate a VM back and forth on a lab of real OVS chassis and report the downtime."""
     if store not in ("memory", "etcd"):
         raise typer.BadParameter(f"{store!r}: memory or etcd", param_hint="--store")
     if links not in LINKS:
         raise typer.BadParameter(f"{links!r}: {' or '.join(LINKS)}", param_hint="--links")
-    if binding_activation not in BINDING_ACTIVATIONS:
-        raise typer.BadParameter(f"{binding_activation!r}: one of "
-                                 f"{', '.join(BINDING_ACTIVATIONS)}",
-                                 param_hint="--binding-activation")
     out.mkdir(parents=True, exist_ok=True)
     # First the same pause with no migration: the floor the migrations are compared with.
     plan: list[tuple[str | None, float]] = [(IN_PLACE, pause_ms)] + [(None, pause_ms)] * migrations

@@ -29,6 +29,22 @@ LabOpt = Annotated[str | None, typer.Option("--lab", help="The lab's prefix (def
                                             "only lab on this machine).")]
 
 
+def _binding_activation(value: str) -> str:
+    from ferry.lab.migrate import check_binding_activation
+
+    try:
+        return check_binding_activation(value)
+    except LabError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+BindingActivationOpt = Annotated[str, typer.Option(
+    "--binding-activation", callback=_binding_activation,
+    help="When Nova activates the destination's port binding: after-unplug (the spec's "
+         "order), before-unplug (Nova's post-live-migration with port bindings) or at-pause "
+         "(Nova's default: on libvirt's event that the source paused for the last copy).")]
+
+
 def fail(message: str) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(2)
@@ -206,22 +222,13 @@ def migrate(
     unplug_delay_ms: Annotated[float, typer.Option(
         "--unplug-delay-ms", min=0, help="From resume to Nova's post-migration step "
         "(source unplug, binding activation).")] = 100.0,
-    binding_activation: Annotated[str, typer.Option(
-        "--binding-activation", help="When Nova activates the destination's binding: "
-        "after-unplug (the spec's order), before-unplug (Nova's post-live-migration) or "
-        "at-pause (Nova's default: on libvirt's event that the source paused).")
-    ] = "after-unplug",
+    binding_activation: BindingActivationOpt = "after-unplug",
     lab: LabOpt = None,
 ) -> None:
     """Live-migrate a VM as Nova and libvirt do, through the API, and print the timeline."""
-    from ferry.lab.migrate import BINDING_ACTIVATIONS
     from ferry.lab.migrate import migrate as do_migrate
     from ferry.migration_cli import print_timeline
 
-    if binding_activation not in BINDING_ACTIVATIONS:
-        raise typer.BadParameter(f"{binding_activation!r}: one of "
-                                 f"{', '.join(BINDING_ACTIVATIONS)}",
-                                 param_hint="--binding-activation")
     the_lab = pick_lab(lab)
 
     async def main() -> None:

@@ -53,6 +53,15 @@ the source's libvirt event "migration completed" (the VM paused for the last cop
 post-live-migration's own activation then finds it active (409, which Nova accepts). The lab
 sends it the moment the VM stops: the earliest Nova could."""
 
+
+
+def check_binding_activation(value: str) -> str:
+    """``value`` if it is one of :data:`BINDING_ACTIVATIONS`, else a LabError naming it."""
+    if value not in BINDING_ACTIVATIONS:
+        raise LabError(f"{value!r}: want one of {', '.join(BINDING_ACTIVATIONS)}")
+    return value
+
+
 HYPERVISOR_RT_PRIORITY = 50
 """SCHED_FIFO priority of the lab's hypervisor process (the pause and the resume): above every
 other real-time thread of the lab (probe clients, OVS), so that the pause lasts what it is
@@ -92,9 +101,7 @@ async def migrate(lab: Lab, api: Neutron, vm: str, dest: str, *, pause_ms: float
     :func:`unplug_source` and :func:`post_migration`, with the destination binding activated
     where ``binding_activation`` (one of :data:`BINDING_ACTIVATIONS`) says; then wait for the
     controllers to mark the migration done."""
-    if binding_activation not in BINDING_ACTIVATIONS:
-        raise LabError(f"binding activation {binding_activation!r}: want one of "
-                       f"{', '.join(BINDING_ACTIVATIONS)}")
+    check_binding_activation(binding_activation)
     run = await pre_migration(lab, api, vm, dest, pause_ms=pause_ms,
                               plug_timeout=plug_timeout, mode=mode, links=links)
     if binding_activation == "at-pause":
