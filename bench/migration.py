@@ -39,8 +39,9 @@ the VM's floating IP over the external network), per mode and per pause:
         [--classes L2,L3,FIP] [--sched] [--host-watch]
         [--binding-activation after-unplug|before-unplug|at-pause]
 
-Every ovs-vswitchd runs at SCHED_FIFO ``--ovs-rt-priority`` (default: above the probe's
-clients, see ferry.demo.OVS_RT_PRIORITY; 0: normal scheduling). The host's RCU grace periods
+Every ovs-vswitchd runs at SCHED_FIFO ``--ovs-rt-priority`` (default: below the probe's
+clients, above everything else the lab runs but its hypervisor, see ferry.demo.OVS_RT_PRIORITY;
+0: normal scheduling). The host's RCU grace periods
 are expedited while the lab runs unless ``--normal-rcu`` (ferry.lab.host).
 
 ``OUT/bench.json`` (``--out``) keeps the arguments, every table cell's figures and every run's
@@ -133,10 +134,10 @@ def main() -> None:
                          "waited, and how many the destination dropped after the RARP")
     ap.add_argument("--ovs-rt-priority", type=int, default=OVS_RT_PRIORITY, metavar="N",
                     help="every chassis' ovs-vswitchd at SCHED_FIFO N (default "
-                         f"{OVS_RT_PRIORITY}: above the probe's clients, which pace at "
-                         f"SCHED_FIFO {PROBE_RT_PRIORITY} and stand for VMs, which do not "
-                         "outrank OVS; 0: normal scheduling, where the clients take the CPU "
-                         "OVS needs at a live activation)")
+                         f"{OVS_RT_PRIORITY}: below the probe's clients, which pace at "
+                         f"SCHED_FIFO {PROBE_RT_PRIORITY} and stand for VMs on other hosts; "
+                         "0: normal scheduling, where OVS waits for the CPU at a live "
+                         "activation)")
     ap.add_argument("--classes", default=",".join(TRAFFIC_CLASSES.values()),
                     help="comma-separated traffic classes the probe sends (default all: "
                          f"{', '.join(TRAFFIC_CLASSES.values())}); fewer is less forwarding "

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ferry.lab.host import RCU_EXPEDITED, rcu_expedited, restore_rcu
-from ferry.lab.lab import Lab, LabError, destroy_leftovers, leftovers
+from ferry.lab.lab import REVALIDATOR_RT_BOOST, Lab, LabError, destroy_leftovers, leftovers
 from ferry.lab.netns import netns_exists, pid_alive, wait_for
 from ferry.lab.ovs_instance import OvsError, OvsInstance
 from tests.labkit import udp_through_vif_churn
@@ -318,6 +318,12 @@ def test_ovs_realtime_reaches_every_thread_and_goes_back(lab2: Lab) -> None:
     assert policies() == {os.SCHED_FIFO}
     pid = lab2.state.chassis[0].ovs_pids["ovs-vswitchd"].pid
     assert os.sched_getparam(pid).sched_priority == 20
+    names = {int(t): Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
+             for t in os.listdir(f"/proc/{pid}/task")}
+    revalidators = [tid for tid, name in names.items() if name.startswith("revalidator")]
+    assert revalidators, f"no revalidator thread among {sorted(names.values())}"
+    assert {os.sched_getparam(t).sched_priority for t in revalidators} == {
+        20 + REVALIDATOR_RT_BOOST}
     lab2.set_ovs_realtime(0)
     assert policies() == {os.SCHED_OTHER}
     with pytest.raises(OvsError, match="SCHED_FIFO 100 for ovs-vswitchd"):

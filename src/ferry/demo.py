@@ -84,11 +84,12 @@ class MigrationResult:
     was sent), CLOCK_MONOTONIC ns; what ran in between: :mod:`ferry.probe.sched`."""
 
 
-OVS_RT_PRIORITY = PROBE_RT_PRIORITY + 10
-"""Where the demo and the bench put every ovs-vswitchd (SCHED_FIFO): above the probe's clients.
-They stand for the VMs' traffic but pace at real-time priority; on a hypervisor VMs do not
-outrank OVS (ovs-ctl starts it at nice -10), and on the lab's two cores they otherwise took
-the CPU OVS needs at a live activation (bench/migration.py --ovs-rt-priority 0 shows it)."""
+OVS_RT_PRIORITY = 20
+"""Where the demo and the bench put every ovs-vswitchd (SCHED_FIFO): above the lab's VMs and
+agents, below the probe (``PROBE_RT_PRIORITY``, clients that stand for VMs on other hosts) and
+the lab's hypervisor process. ``ovs-ctl``'s nice -10 loses to any real-time process, and at a
+live activation OVS needs its cores at once (docs/measuring.md; ``--ovs-rt-priority 0`` shows
+it)."""
 
 AROUND_MS = 500.0
 """Each migration's downtime is the longest gap within this much of its pause."""
@@ -426,8 +427,8 @@ def demo_command(
              "hypervisor (frames to unknown MACs from a client VM, N/3 per second).")] = 0,
     ovs_rt_priority: Annotated[int, typer.Option(
         min=0, max=99,
-        help="Every ovs-vswitchd at this SCHED_FIFO priority, above the probe clients' "
-             f"{PROBE_RT_PRIORITY} (they stand for VMs, which do not outrank OVS); 0: normal "
+        help="Every ovs-vswitchd at this SCHED_FIFO priority, below the probe's "
+             f"{PROBE_RT_PRIORITY} (its clients stand for VMs on other hosts); 0: normal "
              "scheduling.")] = OVS_RT_PRIORITY,
     expedite_rcu: Annotated[bool, typer.Option(
         "--expedite-rcu/--normal-rcu",

@@ -91,18 +91,23 @@ class OvsInstance:
         )
         self.pids["ovs-vswitchd"] = self._read_pid("ovs-vswitchd")
 
-    def set_realtime(self, priority: int) -> None:
+    def set_realtime(self, priority: int, *, revalidators: int | None = None) -> None:
         """Every thread of ovs-vswitchd at SCHED_FIFO ``priority`` (0: back to normal
-        scheduling). Threads it starts later inherit it from the thread that starts them."""
+        scheduling), its revalidator threads at ``revalidators`` (default: the same). Threads
+        it starts later inherit the priority of the thread that starts them."""
         pid = self.pids["ovs-vswitchd"]
         policy = os.SCHED_FIFO if priority else os.SCHED_OTHER
         for tid in os.listdir(f"/proc/{pid}/task"):
+            prio = priority
+            if priority and revalidators is not None and _thread_name(pid, tid).startswith(
+                    "revalidator"):
+                prio = revalidators
             try:
-                os.sched_setscheduler(int(tid), policy, os.sched_param(priority))
+                os.sched_setscheduler(int(tid), policy, os.sched_param(prio))
             except ProcessLookupError:  # a thread that just ended
                 continue
             except OSError as e:  # EPERM without CAP_SYS_NICE, EINVAL out of 1..99
-                raise OvsError(f"SCHED_FIFO {priority} for ovs-vswitchd {pid} (thread {tid}): "
+                raise OvsError(f"SCHED_FIFO {prio} for ovs-vswitchd {pid} (thread {tid}): "
                                f"{e} (needs root or CAP_SYS_NICE; 0..99)") from None
 
     def _read_pid(self, daemon: str) -> int:
@@ -153,3 +158,11 @@ def _alive(pid: int) -> bool:
             return stat.read_text().split()[2] != "Z"
         except (FileNotFoundError, IndexError):
             return False
+
+
+def _thread_name(pid: int, tid: str) -> str:
+    """A thread's name (``revalidator12``, ``handler5``, ...); empty once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    except FileNotFoundError:
+        return ""

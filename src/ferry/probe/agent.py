@@ -412,7 +412,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     c.add_argument("--id", type=int, required=True, help="probe id (1..65535)")
     c.add_argument("--rate", type=float, default=1000.0, help="packets per second")
     c.add_argument("--size", type=int, default=64, help="UDP payload bytes")
-    c.add_argument("--spin-us", type=float, default=150.0, help="busy-wait before a slot (µs)")
+    c.add_argument("--spin-us", type=float, default=0.0, help="busy-wait before a slot (µs)")
     c.add_argument("--rt-prio", type=int, default=10,
                    help="SCHED_FIFO priority for precise pacing (0: normal scheduling)")
     c.add_argument("--linger-ms", type=float, default=50.0, help="wait for echoes at the end")

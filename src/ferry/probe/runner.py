@@ -47,8 +47,11 @@ def now_ns() -> int:
     return time.monotonic_ns()
 
 
-PROBE_RT_PRIORITY = 10
-"""The clients' SCHED_FIFO priority: their 1 kHz pacing spins for the last 150 µs of a slot."""
+PROBE_RT_PRIORITY = 30
+"""The probe agents' SCHED_FIFO priority: above the lab's ovs-vswitchd (``OVS_RT_PRIORITY`` in
+:mod:`ferry.demo`), below its hypervisor. A client stands for a VM on another host, whose
+sends no chassis of the lab may delay; it sleeps to each slot (no spinning, 1 µs timer
+slack), so it holds a core a few µs per packet and takes next to nothing from OVS."""
 
 
 class ProbeError(RuntimeError):
@@ -94,7 +97,7 @@ class Probe:
 
     def __init__(self, lab: Lab, target: str, clients: Sequence[str], *, out_dir: Path | str,
                  rate_hz: float = 1000.0, port: int = DEFAULT_PORT, size: int = 64,
-                 max_duration_s: float = 60.0, spin_us: float = 150.0,
+                 max_duration_s: float = 60.0, spin_us: float = 0.0,
                  rt_prio: int = PROBE_RT_PRIORITY, python: str = sys.executable,
                  targets: dict[str, str] | None = None) -> None:
         if not clients:
