@@ -217,7 +217,7 @@ def main() -> None:
         console.print(host_table(watch, grid))
     stalls = watch.stalls() if watch is not None else None
     runs = [{**dataclasses.asdict(r), "host_stall_ms": None if stalls is None
-             else worst_within(stalls, *r.window_ns) / 1e6} for r in results]
+             else worst_within(stalls, *stall_span(r)) / 1e6} for r in results]
     (a.out / "bench.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(a).items()}, "figures": report, "runs": runs},
         indent=1))
@@ -246,11 +246,20 @@ def cells(results: list[MigrationResult], plan: list[tuple[str | None, float]],
                                          if m == mode and p == pause]
 
 
+def stall_span(r: MigrationResult) -> tuple[int, int]:
+    """Where a host stall counts against a run: its window, stretched to the end of the
+    longest gap it counts (a gap that starts in the window is counted whole, tail included)."""
+    start, end = r.window_ns
+    longest = r.downtime_ms if math.isfinite(r.downtime_ms) else 0.0
+    return start, end + int(longest * 1e6)
+
+
 def host_table(watch: HostWatch, grid: list[Cell]) -> Table:
     stalls = watch.stalls()
     table = Table(title=f"downtime beyond the pause (ms) of the runs the host did not stall "
                         f"(no wake-up of a SCHED_FIFO 98 sleeper {HOST_STALL_NS / 1e6:g} ms "
-                        "late or more within the run's window), in the whole window and up to "
+                        "late or more within the run's window or a gap it counts), in the whole "
+                        "window and up to "
                         "Nova's source unplug, beside all runs")
     for col in ("class", "mode", "pause ms", "host-stalled runs", "worst stall ms", "p50",
                 "p99", "max", "to-unplug p99", "to-unplug max", "all: p99", "all: max"):
@@ -261,7 +270,7 @@ def host_table(watch: HostWatch, grid: list[Cell]) -> Table:
 
     for cls, pause, mode, runs in grid:
         rs = [r for r in runs if cls in r.by_class]
-        stall = {r.number: worst_within(stalls, *r.window_ns) for r in rs}
+        stall = {r.number: worst_within(stalls, *stall_span(r)) for r in rs}
         quiet = [r.by_class[cls] for r in rs if stall[r.number] < HOST_STALL_NS]
         calm = [c["beyond_pause_ms"] for c in quiet]
         switch = [c["switch_beyond_ms"] for c in quiet if not math.isnan(c["switch_beyond_ms"])]
