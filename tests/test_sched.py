@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ferry.lab.migrate import HYPERVISOR_RT_PRIORITY
+from ferry.probe.runner import PROBE_RT_PRIORITY
 from ferry.probe.sched import SchedTrace, Slice, kernel_prio, occupancy, parse, thread_class
 from tests.recording import run_while_recording
 
@@ -22,7 +24,8 @@ def wakeup(cpu: int, us: int, who: tuple[str, int, int], target: int) -> str:
 
 IDLE0, IDLE1 = ("swapper/0", 0, 120), ("swapper/1", 0, 120)
 MAIN, REVAL = ("ovs-vswitchd", 11, 79), ("revalidator5", 19, 79)
-CLIENT, HYPERVISOR, KWORKER = ("python", 30, 89), ("python", 31, 49), ("kworker/0:1", 40, 120)
+CLIENT = ("python", 30, kernel_prio(PROBE_RT_PRIORITY))
+HYPERVISOR, KWORKER = ("python", 31, kernel_prio(HYPERVISOR_RT_PRIORITY)), ("kworker/0:1", 40, 120)
 TRACE = "\n".join([
     switch(0, 0, IDLE0, MAIN),
     switch(1, 100, IDLE1, REVAL),
@@ -66,8 +69,8 @@ def test_thread_classes() -> None:
     assert cls("swapper/1", pid=0) == "idle"
     assert cls("ovs-vswitchd", prio=kernel_prio(20)) == "ovs main"
     assert cls("urcu2") == "ovs other"
-    assert cls("python", prio=kernel_prio(10)) == "probe"
-    assert cls("python", prio=kernel_prio(50)) == "hypervisor"
+    assert cls("python", prio=kernel_prio(PROBE_RT_PRIORITY)) == "probe"
+    assert cls("python", prio=kernel_prio(HYPERVISOR_RT_PRIORITY)) == "hypervisor"
     assert cls("python") == "other"  # e.g. a controller, at normal priority
     assert cls("ip") == "other"
 
