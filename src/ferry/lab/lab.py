@@ -92,7 +92,7 @@ REVALIDATOR_RT_BOOST = 5
 """How far above the rest of ovs-vswitchd :meth:`Lab.set_ovs_realtime` puts its revalidator
 threads. At a live activation their round is what replaces the destination's cached drop, and
 above the main threads (which poll every port in the userspace datapath) they get a core sooner:
-the destination dropped a probe packet after the RARP in 23/23/37 of 100 runs (L2/L3/FIP)
+over 100 runs the destination dropped 23/23/37 probe packets after the RARP (L2/L3/FIP)
 against 35/37/62 at the same priority (docs/measuring.md, "The cached drop")."""
 
 MAX_SOCKET_PATH = 100  # sun_path is 108 bytes; keep a margin for "<bridge>.mgmt" and clients
