@@ -54,7 +54,6 @@ post-live-migration's own activation then finds it active (409, which Nova accep
 sends it the moment the VM stops: the earliest Nova could."""
 
 
-
 def check_binding_activation(value: str) -> str:
     """``value`` if it is one of :data:`BINDING_ACTIVATIONS`, else a LabError naming it."""
     if value not in BINDING_ACTIVATIONS:

@@ -37,9 +37,16 @@ PR_SET_TIMERSLACK = 29
 # Linux (asm-generic; x86, arm): SO_TIMESTAMPNS == SCM_TIMESTAMPNS; Python < 3.12 lacks it
 SO_TIMESTAMPNS: int = getattr(socket, "SO_TIMESTAMPNS", 35)
 
+PROBE_RT_PRIORITY = 30
+"""The probe agents' SCHED_FIFO priority: above the lab's ovs-vswitchd (``OVS_RT_PRIORITY`` in
+:mod:`ferry.demo`), below its hypervisor. A client stands for a VM on another host, whose
+sends no chassis of the lab may delay; it sleeps to each slot (no spinning, 1 µs timer
+slack), so it holds a core a few µs per packet and takes next to nothing from OVS."""
+
 
 class _Stop:
     requested = False
+
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -413,7 +420,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     c.add_argument("--rate", type=float, default=1000.0, help="packets per second")
     c.add_argument("--size", type=int, default=64, help="UDP payload bytes")
     c.add_argument("--spin-us", type=float, default=0.0, help="busy-wait before a slot (µs)")
-    c.add_argument("--rt-prio", type=int, default=10,
+    c.add_argument("--rt-prio", type=int, default=PROBE_RT_PRIORITY,
                    help="SCHED_FIFO priority for precise pacing (0: normal scheduling)")
     c.add_argument("--linger-ms", type=float, default=50.0, help="wait for echoes at the end")
     f = sub.add_parser("flap", help="take a device down and up again (an emulated pause)")

@@ -33,10 +33,11 @@ from typing import IO, Any
 from ferry.lab import netns as nx
 from ferry.lab.lab import Lab
 from ferry.probe import records as rc
+from ferry.probe.agent import PROBE_RT_PRIORITY
 from ferry.probe.records import ProbeData, TailReader
 from ferry.probe.report import ProbeReport, build_report
 
-__all__ = ["DEFAULT_PORT", "Probe", "ProbeError", "link_flap", "now_ns"]
+__all__ = ["DEFAULT_PORT", "PROBE_RT_PRIORITY", "Probe", "ProbeError", "link_flap", "now_ns"]
 
 DEFAULT_PORT = 47000
 POLL_S = 0.005
@@ -45,13 +46,6 @@ POLL_S = 0.005
 def now_ns() -> int:
     """The probe's clock (CLOCK_MONOTONIC, shared by every namespace): mark pauses with it."""
     return time.monotonic_ns()
-
-
-PROBE_RT_PRIORITY = 30
-"""The probe agents' SCHED_FIFO priority: above the lab's ovs-vswitchd (``OVS_RT_PRIORITY`` in
-:mod:`ferry.demo`), below its hypervisor. A client stands for a VM on another host, whose
-sends no chassis of the lab may delay; it sleeps to each slot (no spinning, 1 µs timer
-slack), so it holds a core a few µs per packet and takes next to nothing from OVS."""
 
 
 class ProbeError(RuntimeError):
