@@ -48,7 +48,6 @@ class _Stop:
     requested = False
 
 
-
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     _Stop.requested = True
 
