@@ -38,9 +38,12 @@ class Table:
 
 TABLES: tuple[Table, ...] = (
     Table("classify", 0, "classifier",
-          ("activation", "ext_ingress", "port_security", "tunnel_ingress"),
+          ("tunnel_unknown", "activation", "ext_ingress", "port_security", "tunnel_ingress"),
           "in_port → logical port and network; tunnel → network; patch port → the flat "
           "network of its physical network"),
+    Table("tunnel_unknown", 1, "classifier", (),
+          "from a tunnel, a network this chassis has no port on: dropped, per destination MAC "
+          "(see Classifier.static_flows)"),
     Table("activation", 2, "classifier", (),
           "live migration, destination: the VM's first frame tells this chassis' controller "
           "(one packet-in: the first frame learns an override that stops the next)"),

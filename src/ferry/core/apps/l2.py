@@ -43,6 +43,7 @@ from ferry.switch.flow import (
 
 ETH_ARP, ETH_IPV4, ETH_RARP, ETH_IPV6 = 0x0806, 0x0800, 0x8035, 0x86DD
 MULTICAST = ("01:00:00:00:00:00", "01:00:00:00:00:00")
+NO_MAC = "00:00:00:00:00:00"
 
 LEARN_LIMIT = 64
 """The limit on every live-migration learn: far above the few flows a port has per table and
@@ -62,6 +63,23 @@ class Classifier(App):
     """in_port → (logical port, network); Geneve in_port + VNI → network."""
 
     name = "classifier"
+
+    def static_flows(self, ctx: Context) -> Iterable[Flow]:
+        """Frames from a tunnel on a network with no port here (a VM has just left; a peer
+        has not caught up) are dropped, but not by a table miss. A miss would be cached in
+        the datapath as one drop for the whole network (its tunnel key only), overlapping
+        every narrower flow still cached for it; and OVS 3.1's userspace datapath applies a
+        revalidator's change to the flow a key looks up, not to the flow it names. When the
+        network's flows come back, the change meant for a narrower flow lands on the wide one,
+        the wide one is then deleted, and the narrower one keeps its old drop for as long as
+        traffic hits it (measured: a client cut off from a VM that had come back, for 10 s
+        and more; docs/measuring.md). Consulting the destination MAC (against one no frame
+        has) makes each such cached drop per destination: it overlaps no other flow."""
+        if ctx.tunnel_ofport is None:
+            return
+        yield Flow(table("classify"), 1, Match(in_port=ctx.tunnel_ofport),
+                   (GotoTable(table("tunnel_unknown")),))
+        yield Flow(table("tunnel_unknown"), 1, Match(eth_dst=NO_MAC), ())
 
     def port_flows(self, ctx: Context, port: LogicalPort, net: LogicalSwitch,
                    loc: Location) -> Iterable[Flow]:
