@@ -21,7 +21,7 @@ import pytest
 from ferry.lab.host import RCU_EXPEDITED, rcu_expedited, restore_rcu
 from ferry.lab.lab import REVALIDATOR_RT_BOOST, Lab, LabError, destroy_leftovers, leftovers
 from ferry.lab.netns import netns_exists, pid_alive, wait_for
-from ferry.lab.ovs_instance import OvsError, OvsInstance
+from ferry.lab.ovs_instance import OvsError, OvsInstance, thread_name
 from tests.labkit import udp_through_vif_churn
 
 pytestmark = [
@@ -318,8 +318,7 @@ def test_ovs_realtime_reaches_every_thread_and_goes_back(lab2: Lab) -> None:
     assert policies() == {os.SCHED_FIFO}
     pid = lab2.state.chassis[0].ovs_pids["ovs-vswitchd"].pid
     assert os.sched_getparam(pid).sched_priority == 20
-    names = {int(t): Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
-             for t in os.listdir(f"/proc/{pid}/task")}
+    names = {int(t): thread_name(pid, t) for t in os.listdir(f"/proc/{pid}/task")}
     revalidators = [tid for tid, name in names.items() if name.startswith("revalidator")]
     assert revalidators, f"no revalidator thread among {sorted(names.values())}"
     assert {os.sched_getparam(t).sched_priority for t in revalidators} == {

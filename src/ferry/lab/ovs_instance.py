@@ -99,7 +99,7 @@ class OvsInstance:
         policy = os.SCHED_FIFO if priority else os.SCHED_OTHER
         for tid in os.listdir(f"/proc/{pid}/task"):
             prio = priority
-            if priority and revalidators is not None and _thread_name(pid, tid).startswith(
+            if priority and revalidators is not None and thread_name(pid, tid).startswith(
                     "revalidator"):
                 prio = revalidators
             try:
@@ -160,7 +160,7 @@ def _alive(pid: int) -> bool:
             return False
 
 
-def _thread_name(pid: int, tid: str) -> str:
+def thread_name(pid: int, tid: str) -> str:
     """A thread's name (``revalidator12``, ``handler5``, ...); empty once it has ended."""
     try:
         return Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
